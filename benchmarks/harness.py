@@ -1,0 +1,154 @@
+"""Timing, memory and result recording shared by every benchmark in this folder.
+
+Times are medians over repeats after warm-up (CUDA events on a GPU, a synchronised host clock
+otherwise). Each result file records the hardware, package versions, date and git revision, so a
+row can be compared only with rows measured on the same machine.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/``auto``: CUDA when present, else CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
+                device: torch.device | str | None = None) -> dict:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` runs after ``warmup`` runs."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "repeats": repeats}
+
+
+def _child_peak(fn, conn) -> None:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    conn.close()
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak memory growth in bytes while ``fn()`` runs.
+
+    CUDA: ``max_memory_allocated`` above what was allocated before. CPU: the peak resident set
+    growth of a forked child process that runs ``fn`` (so earlier allocations of this process do
+    not hide it).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_peak, args=(fn, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return int(value)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str) -> dict:
+    """Hardware, versions, date and git revision for a result file."""
+    import pytorch_lightning
+    import torchvision
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    return {
+        "device": str(device), "hardware": device_name(device), "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "pytorch_lightning": pytorch_lightning.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "git": rev,
+    }
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record(name: str, rows: list[dict], *, config: dict, device: torch.device | str = "cpu",
+           results_dir: Path | None = None) -> Path:
+    """Write ``<name>-<device>-<date>.json`` and ``.md`` into ``benchmarks/results/``; return the JSON path."""
+    from resnet_probe.atomic import atomic_write_text
+
+    env = environment(device)
+    out = Path(results_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    stem = f"{name}-{kind}-{env['date'][:10]}"
+    payload = {"benchmark": name, "environment": env, "config": config, "rows": rows}
+    atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    md = (f"## {name} ({env['hardware']}, {env['date']})\n\n"
+          f"torch {env['torch']}, torchvision {env['torchvision']}, pytorch-lightning "
+          f"{env['pytorch_lightning']}, Python {env['python']}, {env['cpu_cores']} CPU cores, git {env['git']}\n\n"
+          f"config: `{json.dumps(config, default=str)}`\n\n{_markdown_table(rows)}\n")
+    atomic_write_text(out / f"{stem}.md", md)
+    print(md)
+    return out / f"{stem}.json"
