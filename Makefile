@@ -1,5 +1,5 @@
 # Two commands a newcomer needs: `make demo` and `make test`. Both create .venv when missing.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
