@@ -1,0 +1,46 @@
+"""Run folders, tidy tables, seaborn figures and HTML / Markdown reports for the studies.
+
+A study is short::
+
+    from resnet_probe.report import new_run, format_ci
+
+    run = new_run("degradation", out="runs", config=cfg, data=datamodule.provenance(), source_file=__file__)
+    run.add_table("curves", curves)        # tidy: run, seed, model, site, metric, value, step (+ split, ...)
+    run.add_figure("error_curves", "line", "curves", x="step", hue="model", style="split",
+                   dashes={"train": [4, 2], "test": ""}, query="metric == 'error'",
+                   xlabel="iteration", ylabel="error (%)", title="Training on CIFAR-10 (He et al. Fig. 1)")
+    run.add_text("Method", "Each net trained with the paper recipe ...")
+    run.add_headline(table_of_formatted_numbers, title="Test error, mean ± std over 3 seeds")
+    run.finish()                           # draws figures, writes report.md + report.html, prints the path
+
+``with new_run(...) as run:`` does the same and marks the run ``failed`` / ``interrupted`` (in
+``status.json``) when the study raises; a killed study leaves ``running``: the folder reads as
+incomplete. Earlier run folders are never touched.
+
+Public API
+----------
+- ``new_run(study, out="runs", config=None, *, data=None, source_file=None, title=None, argv=None) -> Run``
+- ``open_run(path) -> Run``
+- ``Run``: ``path``, ``state``, ``tables``, ``figures``, ``provenance``, ``table(name)``,
+  ``add_table(name, df)``, ``add_figure(name, kind, table, *, section=None, caption=None, **spec)``,
+  ``add_text(section, markdown)``, ``add_headline(df_or_markdown, *, title=None)``, ``set_data(dict)``,
+  ``set_title(title)``, ``mark(state)``, ``link_child(run_or_path)``, ``write_report()``, ``finish()``
+- ``combine_runs(run, children, title=None)``: one report over several runs
+- ``rebuild(run_dir) -> Path`` / ``rebuild_main(argv=None)``: ``resnet-probe report RUN_DIR``
+- figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile) and their spec keys
+  ``SPEC_KEYS``: see ``resnet_probe/report/figures.py``
+- numbers: ``mean_ci``, ``format_ci``, ``format_mean_std``, ``summarise_over_seeds``
+- ``validate_tidy``, ``TIDY_RECOMMENDED``, ``RunFolderError``, ``FigureError``
+- ``screenshot(html, png)`` in ``resnet_probe.report.screenshot`` (headless Chromium)
+"""
+from .combine import combine_runs
+from .figures import FIGURE_KINDS, SPEC_KEYS
+from .folder import STATES, RunFolderError
+from .rebuild import FigureError, rebuild, rebuild_main
+from .run import Run, new_run, open_run
+from .tables import TIDY_RECOMMENDED, TIDY_REQUIRED, validate_tidy
+from .uncertainty import format_ci, format_mean_std, mean_ci, summarise_over_seeds
+
+__all__ = ["FIGURE_KINDS", "FigureError", "Run", "RunFolderError", "SPEC_KEYS", "STATES", "TIDY_RECOMMENDED",
+           "TIDY_REQUIRED", "combine_runs", "format_ci", "format_mean_std", "mean_ci", "new_run", "open_run",
+           "rebuild", "rebuild_main", "summarise_over_seeds", "validate_tidy"]
