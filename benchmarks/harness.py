@@ -60,6 +60,8 @@ def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
 
 
 def _child_peak(fn, conn) -> None:
+    # A forked child inherits the parent's intra-op thread pool in a broken state: use one thread.
+    torch.set_num_threads(1)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
     conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)

@@ -89,5 +89,5 @@ def trained_nets(pack_path):
 def pack_test_slice(pack_path):
     """1,000 normalised images of the CIFAR-10 test split (a seeded subset) and their labels."""
     from resnet_probe.data import load_pack, normalize
-    source = load_pack(pack_path, train_indices=[], limit=1000, seed=1)
+    source = load_pack(pack_path, limit=1000, seed=1)
     return normalize(source.test_images), source.test_labels.long()
