@@ -1,8 +1,8 @@
 """Plain / residual / highway / pre-activation CIFAR nets and the block anatomy of any supported ResNet."""
-from .anatomy import LESION_MODES, Anatomy, BlockAnatomy, anatomy
+from .anatomy import LESION_MODES, Anatomy, BlockAnatomy, anatomy, check_lesion_mode
 from .blocks import SHORTCUT_OPTIONS
 from .grouped import GroupedCifarNet, grouped_cross_entropy
 from .cifar import FAMILIES, CifarNet, blocks_per_stage, build_model, count_parameters, default_gate_bias
 
 __all__ = ["Anatomy", "BlockAnatomy", "CifarNet", "FAMILIES", "GroupedCifarNet", "grouped_cross_entropy", "LESION_MODES", "SHORTCUT_OPTIONS",
-           "anatomy", "blocks_per_stage", "build_model", "count_parameters", "default_gate_bias"]
+           "anatomy", "blocks_per_stage", "check_lesion_mode", "build_model", "count_parameters", "default_gate_bias"]

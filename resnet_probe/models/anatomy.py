@@ -174,10 +174,12 @@ def anatomy(model: nn.Module) -> Anatomy:
         TypeError: the model has no recognisable residual blocks (naming what is supported).
     """
     from .cifar import CifarNet
-    from .torchvision_adapter import is_torchvision_resnet, torchvision_anatomy
 
     if isinstance(model, CifarNet):
         return _cifar_anatomy(model)
+    # Imported only when needed: torchvision's model zoo is slow to import.
+    from .torchvision_adapter import is_torchvision_resnet, torchvision_anatomy
+
     if is_torchvision_resnet(model):
         return torchvision_anatomy(model)
     raise TypeError(f"{type(model).__name__} has no recognisable residual blocks; supported models: "

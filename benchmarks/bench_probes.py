@@ -1,0 +1,150 @@
+"""Cost of the probes: evaluation with the response probe on vs off, training with the gradient probe.
+
+Measured on ResNet-56 (residual, option A) with random weights:
+
+- evaluation time over N images with no probe, with the streaming response probe on every site,
+  and with the naive alternative (hooks that keep every activation, then ``torch.std``);
+  target: streaming <= 10 % slower than no probe;
+- peak memory of that evaluation for two N: the streaming probe's state is O(channels), the naive
+  capture grows with N;
+- one training step (forward, backward, SGD) with and without the gradient probe recording every
+  step (parameter- and activation-gradient norms); target <= 15 % slower.
+
+    .venv/bin/python -m benchmarks.bench_probes                # CPU, small: ~1 min on 2 idle cores
+    .venv/bin/python -m benchmarks.bench_probes --size paper   # GPU: 10k images, batch 1000
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import device_name, median_time, peak_memory, record, resolve_device
+from resnet_probe.models import build_model
+from resnet_probe.probes import probe
+
+SIZES = {  # images evaluated (two values for the memory comparison), eval batch, train batch
+    "small": dict(n_eval=(128, 256), eval_batch=64, train_batch=64),
+    "paper": dict(n_eval=(5000, 10000), eval_batch=1000, train_batch=128),
+}
+
+
+def _evaluate(model, images: torch.Tensor, batch: int) -> None:
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            model(images[i:i + batch])
+
+
+def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
+    """The naive probe: keep every branch output, then ``torch.std`` over the concatenation."""
+    kept: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for i, stage in enumerate(model.stages):
+        for j, block in enumerate(stage):
+            key = 100 * i + j
+            kept[key] = []
+            handles.append(block.branch.bn2.register_forward_hook(
+                lambda m, a, out, key=key: kept[key].append(out.detach().clone())))
+    try:
+        _evaluate(model, images, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v).std() for k, v in kept.items()}
+
+
+def _streaming(model, images: torch.Tensor, batch: int):
+    with probe(model) as session:
+        _evaluate(model, images, batch)
+    return session
+
+
+def _train_step(model, opt, x, y, session=None) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    if session is not None:
+        session.record_gradients()
+    opt.step()
+
+
+def _interleaved(cases: dict, repeats: int, device) -> dict:
+    """Median time of each case, the cases run alternately so that drifting machine load hits all alike.
+
+    Returns:
+        ``{name: {"median_ms", "min_ms", "ratio"}}`` where ``ratio`` is the median over rounds of the
+        case's time divided by the first case's time in the same round.
+    """
+    names = list(cases)
+    for fn in cases.values():  # warm-up
+        fn()
+    times = {n: [] for n in names}
+    for _ in range(repeats):
+        for n in names:
+            times[n].append(median_time(cases[n], repeats=1, warmup=0, device=device)["median_ms"])
+    base = times[names[0]]
+    return {n: {"median_ms": statistics.median(t), "min_ms": min(t),
+                "ratio": statistics.median(a / b for a, b in zip(t, base))} for n, t in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--size", choices=tuple(SIZES), default=None,
+                   help="small (CPU default) or paper (GPU default: 10k images)")
+    p.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    size = args.size or ("paper" if device.type == "cuda" else "small")
+    cfg = SIZES[size]
+    torch.manual_seed(0)
+    model = build_model("residual", 56).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    n_small, n_large = cfg["n_eval"]
+    images = torch.randn(n_large, 3, 32, 32, generator=g).to(device)
+    b = cfg["eval_batch"]
+    rows = []
+    evals = _interleaved({
+        "eval, no probe": lambda: _evaluate(model, images, b),
+        "eval, streaming response probe (all sites)": lambda: _streaming(model, images, b),
+        "eval, naive capture + torch.std (branch sites)": lambda: _naive_capture(model, images, b),
+    }, args.repeats, device)
+    for name, t in evals.items():
+        rows.append({"case": name, "images": n_large, "median_ms": t["median_ms"], "min_ms": t["min_ms"],
+                     "ratio_vs_no_probe": t["ratio"]})
+
+    for n in (n_small, n_large):
+        sub = images[:n]
+        state = _streaming(model, sub, b).state_bytes()
+        rows.append({"case": "peak memory", "images": n,
+                     "no_probe_bytes": peak_memory(lambda: _evaluate(model, sub, b), device),
+                     "streaming_bytes": peak_memory(lambda: _streaming(model, sub, b), device),
+                     "naive_capture_bytes": peak_memory(lambda: _naive_capture(model, sub, b), device),
+                     "probe_state_bytes": state})
+
+    plain = build_model("residual", 56).to(device).train()
+    probed = copy.deepcopy(plain)  # same network and weights; only this one is probed
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    opt_probed = torch.optim.SGD(probed.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(cfg["train_batch"], 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (cfg["train_batch"],), generator=g).to(device)
+    with probe(probed, metrics=("gradient",)) as session:
+        steps = _interleaved({
+            "train step, no probe": lambda: _train_step(plain, opt_plain, x, y),
+            "train step, gradient probe every step": lambda: _train_step(probed, opt_probed, x, y, session),
+        }, args.repeats, device)
+        session.gradient.reset()
+    for name, t in steps.items():
+        rows.append({"case": name, "batch": cfg["train_batch"], "median_ms": t["median_ms"],
+                     "min_ms": t["min_ms"], "ratio_vs_no_probe": t["ratio"]})
+
+    config = {"model": "residual-56", "size": size, "device": str(device), "hardware": device_name(device),
+              "repeats": args.repeats, "threads": torch.get_num_threads(), **cfg,
+              "targets": "streaming eval <= 1.10x, gradient-probe train step <= 1.15x"}
+    record("probes", rows, config=config, device=device)
+
+
+if __name__ == "__main__":
+    main()

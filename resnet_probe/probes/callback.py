@@ -1,0 +1,169 @@
+"""``ProbeCallback``: response and gradient probes during Lightning training, written as tidy CSV.
+
+The callback opens a probe session on ``pl_module.model`` in ``setup`` and closes it in
+``teardown`` and ``on_exception``. Every ``every_n_epochs`` epochs it records the response
+statistics over the whole validation set; every ``every_n_steps`` optimisation steps it records the
+per-block gradient norms (just before the optimizer step, after gradient accumulation and the DDP
+all-reduce). Under DDP the sums and counts are all-reduced over the ranks before any division, and
+only global rank 0 writes. Tables (rewritten atomically after each record) go into the run folder
+(``trainer.log_dir`` unless ``out_dir`` is given):
+
+- ``probe_responses.csv``: one row per (site, metric, epoch);
+- ``probe_gradients.csv``: one row per (block, metric, step).
+
+Columns: run, seed, model, site, metric, value, step, epoch, then kind, stage, block,
+downsampling, path (see ``ProbeSession.table`` for the metrics). Under DDP the validation sampler
+may repeat a few examples to give every rank the same number; use a validation set whose size
+divides evenly for exact single-process equality.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+
+from ..atomic import atomic_write_csv
+from .session import ProbeSession, probe, refuse_compiled
+
+CSV_COLUMNS = ("run", "seed", "model", "site", "metric", "value", "step", "epoch",
+               "kind", "stage", "block", "downsampling", "path")
+RESPONSES_CSV = "probe_responses.csv"
+GRADIENTS_CSV = "probe_gradients.csv"
+
+
+class ProbeCallback(pl.Callback):
+    """Record response statistics on the validation set and gradient norms during training.
+
+    Args:
+        sites: site names or patterns for the response probe (see ``resnet_probe.probes.probe``).
+        every_n_epochs: record responses at the validation of every n-th epoch (0 = never).
+        every_n_steps: record gradient norms every n-th optimisation step (0 = never).
+        out_dir: folder for the CSV tables; default ``trainer.log_dir``.
+        run: run name for the ``run`` column; default the name of the output folder.
+        model_name: ``model`` column; default ``{family}-{depth}`` from the module's hparams.
+    """
+
+    def __init__(self, sites="*", every_n_epochs: int = 1, every_n_steps: int = 50,
+                 out_dir: str | Path | None = None, run: str | None = None, model_name: str | None = None):
+        for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer; got {v!r}")
+        if every_n_epochs == 0 and every_n_steps == 0:
+            raise ValueError("nothing to record: every_n_epochs and every_n_steps are both 0")
+        self.sites = sites
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.run = run
+        self.model_name = model_name
+        self.session: ProbeSession | None = None
+        self.response_rows: list[dict] = []
+        self.gradient_rows: list[dict] = []
+        self._recording_val = False
+        self._folder: Path | None = None
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+        model = self._model(pl_module)
+        metrics = (("response",) if self.every_n_epochs else ()) + (("gradient",) if self.every_n_steps else ())
+        self.session = probe(model, sites=self.sites, metrics=metrics)
+        self.session.arm(response=False, gradient=False)
+        if trainer is not None:
+            # trainer.log_dir is a collective under DDP: resolve it here, where every rank runs
+            self._folder = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    @staticmethod
+    def _model(pl_module: pl.LightningModule):
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            raise AttributeError(f"{type(pl_module).__name__} has no `.model`; ProbeCallback measures "
+                                 "the network at `pl_module.model`")
+        refuse_compiled(model)
+        return model
+
+    # -- responses on the validation set ------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.session is None or self.session.response is None or trainer.sanity_checking:
+            return
+        fitting = trainer.state.fn == "fit"
+        if fitting and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._model(pl_module)  # compiled after setup (e.g. in on_fit_start): refuse, do not record nothing
+        self.session.response.reset()
+        self.session.arm(response=True)
+        self._recording_val = True
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._recording_val:
+            return
+        self._recording_val = False
+        self.session.arm(response=False)
+        self.session.all_reduce(metrics=("response",))
+        self.session.check_finite()
+        rows = self.session.response.rows()
+        self.session.response.reset()
+        self.response_rows += [self._tidy(r, trainer, pl_module) for r in rows]
+        self._write(trainer, RESPONSES_CSV, self.response_rows)
+
+    # -- gradient norms during training --------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self.session is None or self.session.gradient is None:
+            return
+        due = trainer.global_step % self.every_n_steps == 0
+        if due and getattr(pl_module.model, "_compiled_call_impl", None) is not None:
+            self._model(pl_module)
+        self.session.arm(gradient=due)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        g = None if self.session is None else self.session.gradient
+        if g is not None and g.armed:
+            self.session.record_gradients(step=trainer.global_step)
+            self.session.arm(gradient=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        g = None if self.session is None else self.session.gradient
+        if g is None or not g.history:  # the same steps are recorded on every rank
+            return
+        self.session.all_reduce(metrics=("gradient",))
+        self.session.check_finite()
+        rows = g.rows()
+        g.reset()
+        if rows:
+            self.gradient_rows += [self._tidy(r, trainer, pl_module) for r in rows]
+            self._write(trainer, GRADIENTS_CSV, self.gradient_rows)
+
+    # -- output -------------------------------------------------------------------------------
+    @property
+    def folder(self) -> Path | None:
+        """Where the tables go: ``out_dir`` or the trainer's log folder (known after ``setup``)."""
+        return self._folder
+
+    def _tidy(self, row: dict, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        hp = getattr(pl_module, "hparams", {}) or {}
+        model = self.model_name or (f"{hp['family']}-{hp['depth']}" if "family" in hp and "depth" in hp
+                                    else type(pl_module.model).__name__)
+        step = row.get("step")
+        return {"run": self.run or self.folder.name, "seed": hp.get("seed"), "model": model,
+                "site": row["site"], "metric": row["metric"], "value": row["value"],
+                "step": trainer.global_step if step is None else step, "epoch": trainer.current_epoch,
+                "kind": row["kind"], "stage": row["stage"], "block": row["block"],
+                "downsampling": row["downsampling"], "path": row["path"]}
+
+    def _write(self, trainer: pl.Trainer, name: str, rows: list[dict]) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_csv(pd.DataFrame(rows, columns=list(CSV_COLUMNS)), self.folder / name)

@@ -1,0 +1,123 @@
+"""Gradient probe: per-block parameter-gradient norms and activation-gradient norms at block outputs.
+
+Definitions, per block and per optimisation step:
+
+- ``param_grad_norm``: the L2 norm of the gradient of all the block's parameters together
+  (branch, shortcut projection, gate), read from ``.grad`` after the backward pass
+  (``GradientProbe.record``, called after ``loss.backward()`` / from ``on_after_backward``);
+- ``activation_grad_norm``: the L2 norm of the gradient of the loss with respect to the block
+  output over the whole batch, read by a hook on the output tensor (``Tensor.register_hook``
+  from a forward hook; module backward hooks break on in-place ops and are not used). Several
+  backward passes before one ``record`` add up their squared norms.
+
+Norms are kept on the device; ``history`` holds one (2, blocks) float64 tensor of squared norms per
+recorded step and is copied to the host only when read.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..models import BlockAnatomy
+from .nonfinite import NonFiniteWatch
+from .stats import zeros
+
+GRADIENT_METRICS = ("param_grad_norm", "activation_grad_norm")
+
+
+class GradientProbe:
+    """Per-block gradient norms, recorded each optimisation step.
+
+    Args:
+        blocks: the blocks to measure.
+        watch: where non-finite gradients are recorded.
+    """
+
+    def __init__(self, blocks: list[BlockAnatomy], watch: NonFiniteWatch):
+        self.blocks = list(blocks)
+        self.params = [[p for p in b.module.parameters() if p.requires_grad] for b in self.blocks]
+        self.watch = watch
+        self.param_index = [watch.register(f"{b.name} (parameter gradient)") for b in self.blocks]
+        self.act_index = [watch.register(f"{b.name}.out (activation gradient)") for b in self.blocks]
+        self.active = True
+        self.armed = True
+        self._act: torch.Tensor | None = None
+        self.history: list[tuple[int, torch.Tensor]] = []
+        self._steps = 0
+
+    def hooks(self) -> list[tuple[nn.Module, str, object]]:
+        return [(b.module, "forward", partial(self._on_output, i)) for i, b in enumerate(self.blocks)]
+
+    def _on_output(self, i: int, module, args, output) -> None:
+        if (self.active and self.armed and isinstance(output, torch.Tensor)
+                and output.requires_grad and torch.is_grad_enabled()):
+            output.register_hook(partial(self._on_grad, i))
+
+    def _on_grad(self, i: int, grad: torch.Tensor) -> None:
+        if not self.active:
+            return
+        with torch.no_grad():
+            rdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            q = torch.linalg.vector_norm(grad.detach(), dtype=rdt).to(torch.float64).square()
+            if self._act is None:
+                self._act = zeros(len(self.blocks), q.device)
+            self._act[i] += q
+        self.watch.check(self.act_index[i], q)
+
+    def record(self, step: int | None = None) -> None:
+        """Read every block's parameter gradients (after backward) and close the step.
+
+        Args:
+            step: the optimisation step to label this record with; default: records so far.
+        """
+        if not self.active:
+            raise RuntimeError("this probe session is closed")
+        grads, per_block = [], []
+        for ps in self.params:
+            held = [p.grad.detach() for p in ps if p.grad is not None]
+            grads += held
+            per_block.append(len(held))
+        dev = grads[0].device if grads else (self._act.device if self._act is not None
+                                               else torch.device("cpu"))
+        with torch.no_grad():
+            if grads:
+                norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(dev).square()
+                sq = torch.stack([part.sum() for part in norms.split(per_block)])  # deterministic
+            else:
+                sq = zeros(len(self.blocks), dev)
+            act = self._act if self._act is not None else zeros(len(self.blocks), dev)
+            entry = torch.stack((sq, act.to(dev)))
+            self._act = None
+        for i in range(len(self.blocks)):
+            self.watch.check(self.param_index[i], sq[i])
+        self.history.append((self._steps if step is None else int(step), entry))
+        self._steps += 1
+
+    def reset(self) -> None:
+        self.history.clear()
+        self._act = None
+        self._steps = 0
+
+    def reducible(self) -> list[torch.Tensor]:
+        """Squared activation-gradient norms of every recorded step (summed over ranks by all_reduce).
+
+        Parameter gradients are not summed: under DDP every rank already holds the averaged gradient.
+        """
+        return [entry[1] for _, entry in self.history]
+
+    def rows(self) -> list[dict]:
+        """Tidy rows ``(site, kind="gradient", metric, value, step, ...)`` (one host sync)."""
+        if not self.history:
+            return []
+        values = torch.stack([e for _, e in self.history]).sqrt().cpu().tolist()
+        rows = []
+        for (step, _), per_step in zip(self.history, values):
+            for i, b in enumerate(self.blocks):
+                for metric, site, v in (("param_grad_norm", b.name, per_step[0][i]),
+                                        ("activation_grad_norm", f"{b.name}.out", per_step[1][i])):
+                    rows.append({"site": site, "stage": b.stage, "block": b.index, "kind": "gradient",
+                                 "metric": metric, "value": v, "downsampling": b.downsampling,
+                                 "path": b.path, "step": step})
+        return rows

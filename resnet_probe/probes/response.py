@@ -1,0 +1,218 @@
+"""Response probe: streaming statistics of layer responses, branch, shortcut, block output and gate.
+
+What is measured (He et al. 2016, Fig. 7; Srivastava et al. 2015):
+
+- the std of each 3x3 layer's response (its output after BN, before ReLU or addition), both the
+  global std over (N, C, H, W) and the mean per-channel std;
+- per block, the std of the branch output ``F(x)`` -- the headline *residual response std* --, of
+  the shortcut ``S(x)`` and of the block output;
+- per block, ``||F(x)|| / ||S(x)||`` with both norms taken over every example seen:
+  ``sqrt(sum F^2) / sqrt(sum S^2)``;
+- for highway gates ``T(x)``: their mean and the fraction of saturated values (T < 0.1 or T > 0.9).
+
+Each value is reduced by a forward hook on the module that produces it, at the moment it is
+produced, so in-place operations downstream (``out += identity``, ``ReLU(inplace=True)``) cannot
+alter what is measured. An identity shortcut's ``S(x)`` is the block input, read by a forward
+pre-hook on the block. A shortcut module that the block's forward never calls (plain nets keep the
+parameter-free mapping a lesion would substitute) is evaluated on the block input, without
+gradient, once the block has run.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .nonfinite import NonFiniteWatch
+from .sites import Site
+from .stats import SUMMARY_METRICS, ChannelStats, batch_moments, zeros
+
+SATURATION = (0.1, 0.9)
+
+
+class ResponseProbe:
+    """Streaming response statistics at a set of sites.
+
+    Args:
+        sites: the sites to measure.
+        watch: where non-finite values are recorded.
+        raw: also keep a CPU copy of every measured tensor (memory grows with the data).
+    """
+
+    def __init__(self, sites: list[Site], watch: NonFiniteWatch, raw: bool = False):
+        self.sites = list(sites)
+        self.stats = {s.name: ChannelStats() for s in self.sites}
+        self.saturated: dict[str, torch.Tensor | None] = {s.name: None for s in self.sites
+                                                          if s.kind == "gate"}
+        self.raw: dict[str, list[torch.Tensor]] | None = {s.name: [] for s in self.sites} if raw else None
+        self.watch_index = {s.name: watch.register(s.name) for s in self.sites}
+        self.watch = watch
+        self.active = True
+        self.armed = True
+        self._pending: dict[int, torch.Tensor] = {}
+        self._memo: tuple | None = None
+        self._scratch: dict = {}
+
+    # -- hook plan ----------------------------------------------------------------------------
+    def hooks(self) -> list[tuple[nn.Module, str, object]]:
+        """``(module, "pre" | "forward", fn)`` for every hook this probe needs, one per module and kind."""
+        by_module: dict[int, list[Site]] = defaultdict(list)
+        modules: dict[int, nn.Module] = {}
+        pre: dict[int, tuple[nn.Module, list[Site], list[Site]]] = {}
+        fallback: dict[int, tuple[nn.Module, Site]] = {}
+        for s in self.sites:
+            if s.kind == "shortcut" and s.module is None:
+                entry = pre.setdefault(id(s.block.module), (s.block.module, [], []))
+                entry[1].append(s)
+                continue
+            if s.kind == "shortcut":
+                entry = pre.setdefault(id(s.block.module), (s.block.module, [], []))
+                entry[2].append(s)
+                fallback[id(s.block.module)] = (s.block.module, s)
+            by_module[id(s.module)].append(s)
+            modules[id(s.module)] = s.module
+        plan = []
+        for key, (block, identity, stash) in pre.items():
+            plan.append((block, "pre", self._pre_hook(identity, stash)))
+        for key, sites in by_module.items():
+            plan.append((modules[key], "forward", self._output_hook(sites)))
+        for key, (block, site) in fallback.items():
+            plan.append((block, "forward", self._fallback_hook(site)))
+        return plan
+
+    def _output_hook(self, sites: list[Site]):
+        def hook(module, args, output):
+            if self.active and self.armed:
+                self.record(sites, output)
+                for s in sites:
+                    if s.kind == "shortcut":
+                        self._pending.pop(id(s.block.module), None)
+        return hook
+
+    def _pre_hook(self, identity: list[Site], stash: list[Site]):
+        def hook(module, args):
+            if self.active and self.armed and args:
+                if identity:
+                    self.record(identity, args[0])
+                if stash:
+                    self._pending[id(module)] = args[0]
+        return hook
+
+    def _fallback_hook(self, site: Site):
+        def hook(module, args, output):
+            x = self._pending.pop(id(module), None)
+            if x is not None and self.active and self.armed:
+                with torch.no_grad():
+                    site.module(x)  # its own forward hook records S(x)
+        return hook
+
+    # -- recording ----------------------------------------------------------------------------
+    def record(self, sites: list[Site], x: torch.Tensor) -> None:
+        """Add the tensor ``x`` (the value of every site in ``sites``) to their statistics."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"site {sites[0].name} produced a {type(x).__name__}, not a tensor")
+        count, m = self._moments(x)
+        for s in sites:
+            self.stats[s.name].add_moments(count, m)
+        self.watch.check(self.watch_index[sites[0].name], m[1])
+        for s in sites:
+            if s.kind == "gate":
+                self._count_saturated(s.name, x)
+            if self.raw is not None:
+                self.raw[s.name].append(x.detach().to("cpu", copy=True))
+
+    def _moments(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """``batch_moments(x)``, reused when ``x`` is the very tensor just reduced and unmodified since.
+
+        An identity shortcut's ``S(x)`` is usually the previous block's output: one reduction serves
+        both sites. Tensors without a version counter (inference mode) are always reduced afresh.
+        """
+        version = None if x.is_inference() else x._version
+        memo = self._memo
+        if version is not None and memo is not None and memo[0]() is x and memo[1] == version:
+            return memo[2], memo[3]
+        count, m = batch_moments(x, self._scratch)
+        self._memo = None if version is None else (weakref.ref(x), version, count, m)
+        return count, m
+
+    def _count_saturated(self, name: str, t: torch.Tensor) -> None:
+        lo, hi = SATURATION
+        with torch.no_grad():
+            n = torch.logical_or(t < lo, t > hi).sum(dtype=torch.float64)
+            if self.saturated[name] is None:
+                self.saturated[name] = zeros((), n.device)
+            self.saturated[name].add_(n)
+
+    def release(self) -> None:
+        """Stop recording and drop working buffers (results stay)."""
+        self.active = False
+        self._pending.clear()
+        self._memo = None
+        self._scratch.clear()
+
+    def reset(self) -> None:
+        for st in self.stats.values():
+            st.reset()
+        for v in self.saturated.values():
+            if v is not None:
+                v.zero_()
+        if self.raw is not None:
+            for v in self.raw.values():
+                v.clear()
+        self._pending.clear()
+        self._memo = None
+
+    def reducible(self) -> tuple[list[ChannelStats], list[torch.Tensor]]:
+        """The accumulators ``all_reduce`` sums: statistics and gate saturation counts."""
+        stats = [self.stats[s.name] for s in self.sites]
+        dev = next((st.moments.device for st in stats if st.moments is not None), torch.device("cpu"))
+        for k, v in self.saturated.items():
+            if v is None:
+                self.saturated[k] = zeros((), dev)
+        return stats, list(self.saturated.values())
+
+    # -- results ------------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        """Tidy rows ``(site, kind, metric, value, ...)`` for every site with data (one host sync)."""
+        seen = [s for s in self.sites if self.stats[s.name].count > 0]
+        blocks = {}
+        for s in seen:
+            blocks.setdefault(s.block.name, {})[s.kind] = s
+        values, keys = [], []
+        for s in seen:
+            st = self.stats[s.name]
+            values.append(st.summary())
+            keys += [(s, m) for m in SUMMARY_METRICS]
+            if s.kind == "gate":
+                values.append((self.saturated[s.name] / (st.count * st.channels)).reshape(1))
+                keys.append((s, "saturated_fraction"))
+        ratios = []
+        for bname, kinds in blocks.items():
+            if "branch" in kinds and "shortcut" in kinds:
+                f, sc = self.stats[kinds["branch"].name], self.stats[kinds["shortcut"].name]
+                values.append((f.norm / sc.norm).reshape(1))
+                ratios.append(kinds["branch"])
+        if not values:
+            return []
+        flat = torch.cat([v.reshape(-1).to(values[0].device) for v in values]).cpu().tolist()
+        rows = [_row(s.name, s, s.kind, m, v) for (s, m), v in zip(keys, flat)]
+        for s, v in zip(ratios, flat[len(keys):]):
+            rows.append(_row(s.block.name, s, "ratio", "norm_ratio", v, path=s.block.path))
+        return rows
+
+    def raw_values(self, site: str) -> torch.Tensor:
+        """Every captured value of ``site`` concatenated along the batch (needs ``raw=True``)."""
+        if self.raw is None:
+            raise ValueError("raw values were not captured; open the probe with raw=True")
+        if site not in self.raw:
+            raise ValueError(f"unknown site {site!r}; probed sites: {', '.join(self.raw)}")
+        if not self.raw[site]:
+            raise ValueError(f"no value captured at {site} yet")
+        return torch.cat(self.raw[site])
+
+
+def _row(site: str, s: Site, kind: str, metric: str, value: float, path: str | None = None) -> dict:
+    return {"site": site, "stage": s.stage, "block": s.index, "kind": kind, "metric": metric,
+            "value": value, "downsampling": s.downsampling, "path": s.path if path is None else path}

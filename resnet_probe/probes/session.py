@@ -1,0 +1,263 @@
+"""``probe(model, ...)``: a session that owns the hooks measuring a model, and its results.
+
+    with probe(model, sites="stage2.*.branch") as session:
+        model(x)
+    session.table()          # tidy DataFrame: site, stage, block, kind, metric, value, ...
+
+A session registers exactly its own hooks when it is created and removes exactly those when it is
+closed (``close()``, leaving the ``with`` block -- also on an exception or KeyboardInterrupt -- or
+when the session object is garbage-collected), so sessions nest and re-running a notebook cell
+never stacks hooks. Attaching is all-or-nothing. Probing never changes a model's outputs.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..models import anatomy
+from .gradient import GradientProbe
+from .nonfinite import NonFiniteError, NonFiniteWatch
+from .response import ResponseProbe
+from .sites import all_sites, select_sites
+from .stats import ChannelStats, all_reduce_stats
+
+METRICS = ("response", "gradient")
+COLUMNS = ("site", "stage", "block", "kind", "metric", "value", "downsampling", "path", "step")
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """Raise if ``model`` is (or contains) a ``torch.compile``'d module: hooks would record nothing."""
+    for name, m in model.named_modules():
+        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
+            where = f" (at {name!r})" if name else ""
+            raise RuntimeError(
+                f"the model is compiled{where}: attach probes before torch.compile -- open the probe "
+                "session on the original module, then compile it (or probe the uncompiled module, "
+                "e.g. `compiled._orig_mod`)")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a (Distributed)DataParallel wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _remove(handles: list) -> None:
+    while handles:
+        handles.pop().remove()
+
+
+class ProbeSession:
+    """Hooks measuring a model, and what they recorded. Build it with ``probe``."""
+
+    def __init__(self, model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
+                 strict: bool = False):
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        bad = [m for m in metrics if m not in METRICS]
+        if bad or not metrics:
+            raise ValueError(f"unknown metrics {bad or list(metrics)}; valid metrics: {', '.join(METRICS)}")
+        model = _unwrap(model)
+        refuse_compiled(model)
+        self.model = model
+        self.anatomy = anatomy(model)
+        self.strict = strict
+        chosen = select_sites(all_sites(self.anatomy), sites)
+        self.watch = NonFiniteWatch()
+        self.response = ResponseProbe(chosen, self.watch, raw) if "response" in metrics else None
+        names = {s.block.name for s in chosen}
+        blocks = [b for b in self.anatomy.blocks if b.name in names]
+        self.gradient = GradientProbe(blocks, self.watch) if "gradient" in metrics else None
+        self.sites = [s.name for s in chosen]
+        self._warned: set[str] = set()
+        self._handles: list = []
+        self._finalizer = weakref.finalize(self, _remove, self._handles)
+        self._attach()
+
+    def _attach(self) -> None:
+        plan = []
+        for part in (self.response, self.gradient):
+            if part is not None:
+                plan += part.hooks()
+        try:
+            for module, kind, fn in plan:
+                if kind == "pre":
+                    self._handles.append(module.register_forward_pre_hook(fn))
+                else:
+                    self._handles.append(module.register_forward_hook(fn))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove this session's hooks (idempotent); its results stay readable."""
+        if self.response is not None:
+            self.response.release()
+        if self.gradient is not None:
+            self.gradient.active = False
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> "ProbeSession":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        if exc_type is None:
+            self.check_finite()
+
+    # -- recording control ----------------------------------------------------------------------
+    def record_gradients(self, step: int | None = None) -> None:
+        """Read per-block parameter-gradient norms now (call after ``loss.backward()``) and close the step."""
+        if self.gradient is None:
+            raise ValueError("this session does not measure gradients; open it with "
+                             "metrics=('response', 'gradient')")
+        self.gradient.record(step)
+
+    def arm(self, response: bool | None = None, gradient: bool | None = None) -> None:
+        """Turn recording of responses / activation gradients on or off without removing hooks."""
+        if response is not None and self.response is not None:
+            self.response.armed = response
+        if gradient is not None and self.gradient is not None:
+            self.gradient.armed = gradient
+
+    def reset(self) -> None:
+        """Forget everything recorded so far (hooks stay attached)."""
+        for part in (self.response, self.gradient):
+            if part is not None:
+                part.reset()
+        self.watch.reset()
+        self._warned.clear()
+
+    def all_reduce(self, group=None, metrics=METRICS) -> None:
+        """Sum counts and sums over the ranks of ``torch.distributed`` (no-op when not initialised).
+
+        Call once, on every rank, after the last batch and before reading: afterwards every rank
+        holds the statistics of all the data. Squared activation-gradient norms are summed too;
+        parameter-gradient norms are not (DDP has already averaged the gradients themselves).
+
+        Args:
+            group: the process group (default: the world).
+            metrics: which of ``"response"`` / ``"gradient"`` to reduce.
+        """
+        stats, extra = [], []
+        if self.response is not None and "response" in metrics:
+            stats, extra = self.response.reducible()
+        if self.gradient is not None and "gradient" in metrics:
+            extra = extra + self.gradient.reducible()
+        all_reduce_stats(stats, extra, group=group)
+        self.watch.all_reduce(group=group)
+
+    # -- results ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, ChannelStats]:
+        """Per-site streaming statistics."""
+        return {} if self.response is None else self.response.stats
+
+    @property
+    def nonfinite(self) -> str | None:
+        """The first site where a NaN or Inf was measured, or ``None`` (one host synchronisation)."""
+        return self.watch.first()
+
+    def check_finite(self) -> None:
+        """Warn (or, with ``strict=True``, raise ``NonFiniteError``) if a non-finite value was measured."""
+        site = self.nonfinite
+        if site is None:
+            return
+        if self.strict:
+            raise NonFiniteError(site)
+        if site not in self._warned:
+            self._warned.add(site)
+            warnings.warn(f"non-finite value (NaN or Inf) first appeared at {site}", RuntimeWarning,
+                          stacklevel=2)
+
+    def raw(self, site: str) -> torch.Tensor:
+        """Every captured value of ``site``, concatenated along the batch (needs ``raw=True``)."""
+        if self.response is None:
+            raise ValueError("this session does not measure responses")
+        return self.response.raw_values(site)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the streaming statistics (independent of the number of examples)."""
+        return sum(st.nbytes for st in self.stats.values())
+
+    def table(self) -> pd.DataFrame:
+        """Tidy long table of results: ``COLUMNS`` (``step`` is set for gradient rows only).
+
+        Response metrics per site: ``count``, ``mean``, ``std`` (global, unbiased, over N, C, H, W),
+        ``channel_std_mean`` (mean over channels of the per-channel std), ``rms``; gates add
+        ``saturated_fraction``; kind ``ratio`` rows (site = block name) hold ``norm_ratio``
+        = ||F(x)|| / ||S(x)||. Gradient rows: ``param_grad_norm`` and ``activation_grad_norm``
+        per block and recorded step.
+        """
+        self.check_finite()
+        return self._frame()
+
+    def _frame(self) -> pd.DataFrame:
+        rows = []
+        if self.response is not None:
+            rows += self.response.rows()
+        if self.gradient is not None:
+            rows += self.gradient.rows()
+        df = pd.DataFrame(rows, columns=list(COLUMNS))
+        df["step"] = df["step"].astype("Int64")
+        return df
+
+    def _repr_html_(self) -> str:
+        df = self._frame()
+        state = "closed" if self.closed else "attached"
+        head = (f"<p><b>ProbeSession</b> ({state}) on {type(self.model).__name__}: "
+                f"{len(self.sites)} sites</p>")
+        if self.nonfinite is not None:
+            head += f"<p>non-finite value first at <code>{self.nonfinite}</code></p>"
+        if df.empty:
+            return head + "<p>no values recorded yet</p>"
+        parts = [head]
+        resp = df[df["kind"] != "gradient"]
+        if not resp.empty:
+            parts.append(resp.pivot_table(index=["site", "kind"], columns="metric", values="value",
+                                          sort=False).to_html(float_format="{:.4g}".format))
+        grad = df[df["kind"] == "gradient"]
+        if not grad.empty:
+            parts.append("<p>gradient norms, mean over recorded steps</p>")
+            parts.append(grad.pivot_table(index="site", columns="metric", values="value", aggfunc="mean",
+                                          sort=False).to_html(float_format="{:.4g}".format))
+        return "\n".join(parts)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "attached"
+        return f"ProbeSession({state}, {len(self.sites)} sites on {type(self.model).__name__})"
+
+
+def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
+          strict: bool = False) -> ProbeSession:
+    """Attach probes to ``model``; use as ``with probe(model, ...) as session:``.
+
+    Args:
+        model: any model ``resnet_probe.models.anatomy`` supports (CIFAR nets, torchvision
+            ResNets), uncompiled; a (Distributed)DataParallel wrapper is looked through.
+        sites: site names or fnmatch patterns (``"*"``, ``"stage2.*.branch"``); see ``sites.py``.
+        metrics: ``"response"`` (streaming activation statistics) and/or ``"gradient"``
+            (per-step gradient norms; call ``session.record_gradients()`` after each backward).
+        raw: also keep a CPU copy of every measured activation (memory grows with the data).
+        strict: raise ``NonFiniteError`` instead of warning when a NaN/Inf was measured (checked
+            when results are read and when the ``with`` block ends).
+
+    Returns:
+        the attached ``ProbeSession``. Its hooks live as long as it does: keep a reference (the
+        ``with`` statement does); a dropped session removes its hooks when garbage-collected.
+
+    Raises:
+        ValueError: unknown metric, or a site pattern matching nothing (lists the valid sites).
+        RuntimeError: the model is compiled ("attach probes before torch.compile").
+    """
+    return ProbeSession(model, sites=sites, metrics=metrics, raw=raw, strict=strict)

@@ -1,0 +1,256 @@
+"""Streaming per-channel statistics of activations: count, sum and sum of squares in float64.
+
+A ``ChannelStats`` holds, for one measured site, the number of values seen per channel and the
+per-channel sum and sum of squares, accumulated in float64 on the device of the activations. Its
+memory is O(channels) whatever the number of examples; no activation is kept.
+
+Definitions (``x`` the values of one channel, ``n`` their count; channel = dim 1):
+
+- ``mean_c = sum_c / n``; ``var_c = (sumsq_c - sum_c^2 / n) / (n - 1)`` -- the *unbiased* (Bessel)
+  estimate, the same as ``torch.std``'s default (``correction=1``); every std in this package uses it;
+- *global std*: the unbiased std of all values over (N, C, H, W) taken together;
+- *mean per-channel std*: the average over channels of ``sqrt(var_c)``;
+- *rms*: ``sqrt(sum of all squares / number of values)``.
+
+Each batch is first reduced in the activation's own precision (float32 for float32 / bfloat16 /
+float16 activations, float64 for float64), centred piece by piece (see ``batch_moments``), to one
+sum and one sum of squares per channel, then added to the float64 accumulators. Sums and counts merge exactly (``merge``), and ``all_reduce`` sums them
+over the ranks of ``torch.distributed`` before any division: never a mean of means.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+SUMMARY_METRICS = ("count", "mean", "std", "channel_std_mean", "rms")
+
+
+def distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def zeros(shape, device, dtype=torch.float64) -> torch.Tensor:
+    """A normal (not inference-mode) zero tensor, so it can be updated in and out of inference mode."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def batch_moments(x: torch.Tensor, scratch: dict | None = None) -> tuple[int, torch.Tensor]:
+    """Per-channel ``(count, [sum; sum of squares])`` of one batch ``x`` of shape (N, C, ...).
+
+    The sum of squares is rebuilt from centred pieces, ``sum x^2 = sum_r (M2_r + k_r mean_r^2)``,
+    where each piece ``r`` (one example's channel of a contiguous tensor, else the whole channel)
+    has its mean and centred sum of squares ``M2_r`` reduced in the activation's precision: the
+    rounding of the means then cancels out of the variance instead of being amplified by
+    ``mean^2 / var``, as it would be for raw float32 sums of squares.
+
+    Args:
+        x: the batch.
+        scratch: a dict in which to keep the centred-copy buffer between calls (one per shape),
+            sparing an allocation per call; memory of one activation, independent of the data size.
+
+    Returns:
+        the number of values per channel (a host int) and a (2, C) float64 tensor on ``x``'s device.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"expected an activation of shape (N, C, ...); got shape {tuple(x.shape)}")
+    n_c, c = x.numel() // max(x.shape[1], 1), x.shape[1]
+    with torch.no_grad():
+        x = x.detach()
+        if x.numel() == 0:
+            return 0, torch.zeros(2, c, dtype=torch.float64, device=x.device)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if x.dim() >= 3 and x.is_contiguous():
+            rows = x.reshape(x.shape[0], c, -1)  # a view: (example, channel, position)
+            k = rows.shape[2]
+            mean = rows.mean(2, keepdim=True)
+            m2 = torch.linalg.vector_norm(_centred(rows, mean, scratch), dim=2)
+            mean = mean.squeeze(2)
+        else:
+            k = n_c
+            mean = x.mean((0, *range(2, x.dim())), keepdim=True)
+            m2 = torch.linalg.vector_norm(x - mean, dim=(0, *range(2, x.dim()))).reshape(1, c)
+            mean = mean.reshape(1, c)
+        a = torch.stack((mean, m2)).to(torch.float64)  # (2, pieces, C)
+        s = a[0].sum(0) * k
+        q = torch.addcmul(a[1].square(), a[0], a[0], value=k).sum(0)  # sum_r M2_r + k mean_r^2
+        return n_c, torch.stack((s, q))
+
+
+def _centred(x: torch.Tensor, mean: torch.Tensor, scratch: dict | None) -> torch.Tensor:
+    if scratch is None:
+        return x - mean
+    key = (tuple(x.shape), x.dtype, x.device)
+    buf = scratch.get(key)
+    if buf is None:
+        buf = scratch[key] = torch.empty_like(x)
+    return torch.sub(x, mean, out=buf)
+
+
+class ChannelStats:
+    """Streaming per-channel count, sum and sum of squares of one site's activations (float64).
+
+    The accumulators are allocated on the device of the first batch and stay there; reading a
+    statistic is the only host synchronisation.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.moments: torch.Tensor | None = None
+
+    # -- accumulation -------------------------------------------------------------------------
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Add a batch of shape (N, C, ...); returns its (2, C) float64 moments (sum; sum of squares)."""
+        count, m = batch_moments(x)
+        self.add_moments(count, m)
+        return m
+
+    def add_moments(self, count: int, moments: torch.Tensor) -> None:
+        """Add ``count`` values per channel whose per-channel sums are ``moments`` (2, C)."""
+        if self.moments is None:
+            self.moments = zeros(moments.shape, moments.device)
+        elif self.moments.shape != moments.shape:
+            raise ValueError(f"channel count changed: accumulated {self.moments.shape[1]}, "
+                             f"got {moments.shape[1]}")
+        with torch.no_grad():
+            self.moments.add_(moments.to(self.moments.device))
+        self.count += int(count)
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Add another accumulator's values to this one (exact: sums and counts add); returns self."""
+        if other.moments is not None:
+            self.add_moments(other.count, other.moments)
+        return self
+
+    def reset(self) -> None:
+        """Forget every value seen (keeps the buffers, zeroed)."""
+        self.count = 0
+        if self.moments is not None:
+            with torch.no_grad():
+                self.moments.zero_()
+
+    def all_reduce(self, group=None) -> "ChannelStats":
+        """Sum counts and sums over all ranks (no-op without ``torch.distributed``); returns self."""
+        all_reduce_stats([self], group=group)
+        return self
+
+    # -- definitions --------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return 0 if self.moments is None else self.moments.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of accumulator state (independent of the number of examples)."""
+        return 0 if self.moments is None else self.moments.numel() * self.moments.element_size()
+
+    def _need(self) -> torch.Tensor:
+        if self.moments is None or self.count == 0:
+            raise ValueError("no values recorded yet")
+        return self.moments
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self._need()[0]
+
+    @property
+    def sumsq(self) -> torch.Tensor:
+        """Per-channel sum of squares (uncentred)."""
+        return self._need()[1]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean."""
+        return self.sum / self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per-channel unbiased variance ``(sumsq - sum^2/n) / (n - 1)``."""
+        return _unbiased_var(self.sum, self.sumsq, self.count)
+
+    @property
+    def channel_std(self) -> torch.Tensor:
+        """Per-channel unbiased std."""
+        return self.var.sqrt()
+
+    @property
+    def channel_std_mean(self) -> torch.Tensor:
+        """Mean over channels of the per-channel std."""
+        return self.channel_std.mean()
+
+    @property
+    def global_mean(self) -> torch.Tensor:
+        return self.sum.sum() / (self.count * self.channels)
+
+    @property
+    def global_std(self) -> torch.Tensor:
+        """Unbiased std over all values (N, C, H, W) together."""
+        return _unbiased_var(self.sum.sum(), self.sumsq.sum(), self.count * self.channels).sqrt()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """``sqrt(sum of squares of all values)``: the L2 norm over every example seen."""
+        return self.sumsq.sum().sqrt()
+
+    @property
+    def rms(self) -> torch.Tensor:
+        return (self.sumsq.sum() / (self.count * self.channels)).sqrt()
+
+    def summary(self) -> torch.Tensor:
+        """``SUMMARY_METRICS`` as one float64 tensor on the device (no host synchronisation)."""
+        m = self._need()
+        n_all = float(self.count * self.channels)
+        return torch.stack((m.new_tensor(n_all), self.global_mean, self.global_std,
+                            self.channel_std_mean, self.rms))
+
+
+def _unbiased_var(s: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
+    if n < 2:
+        return torch.full_like(s, math.nan)
+    return ((q - s * s / n) / (n - 1)).clamp_min(0.0)
+
+
+def collective_device(group=None) -> torch.device:
+    """The device ``torch.distributed`` collectives of this group need (CUDA for NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], group=None) -> None:
+    """Sum each tensor over all ranks, in place, with one collective (no-op when not distributed)."""
+    if not distributed() or not tensors:
+        return
+    dev = collective_device(group)
+    flat = torch.cat([t.detach().reshape(-1).to(dev, torch.float64) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t).to(t.device, t.dtype))
+            offset += n
+
+
+def all_reduce_stats(stats: list[ChannelStats], extra: list[torch.Tensor] = (), group=None) -> None:
+    """Sum counts and per-channel sums of every accumulator (and ``extra`` tensors) over all ranks.
+
+    A rank that saw no value at a site contributes zeros: channel counts are agreed first.
+    """
+    if not distributed():
+        return
+    dev = collective_device(group)
+    channels = torch.tensor([s.channels for s in stats], dtype=torch.int64, device=dev)
+    dist.all_reduce(channels, op=dist.ReduceOp.MAX, group=group)
+    for s, c in zip(stats, channels.tolist()):
+        if s.moments is None and c > 0:
+            s.moments = zeros((2, c), dev)
+    counts = torch.tensor([float(s.count) for s in stats], dtype=torch.float64, device=dev)
+    held = [s.moments for s in stats if s.moments is not None]
+    all_reduce_sum_([counts, *held, *extra], group=group)
+    for s, c in zip(stats, counts.tolist()):
+        s.count = int(round(c))

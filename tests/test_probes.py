@@ -1,0 +1,374 @@
+"""Facts about the probes: streaming statistics, sites, hook ownership, outputs never change."""
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from resnet_probe.models import anatomy, build_model
+from resnet_probe.probes import ChannelStats, NonFiniteError, probe, site_names
+
+FAMILIES = ("plain", "residual", "highway", "preact")
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def _value(df, site, metric, kind=None):
+    sel = (df.site == site) & (df.metric == metric)
+    if kind is not None:
+        sel &= df.kind == kind
+    (v,) = df.loc[sel, "value"].tolist()
+    return v
+
+
+@pytest.fixture(scope="module")
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, 5, 7, 3, generator=g) * torch.linspace(0.5, 3, 5).view(1, 5, 1, 1) + 4.0
+            for n in (3, 11, 1, 6)]
+
+
+# -- streaming statistics --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, rtol, layout", [
+    (torch.float32, 1e-6, torch.contiguous_format), (torch.float64, 1e-12, torch.contiguous_format),
+    (torch.bfloat16, 1e-6, torch.contiguous_format), (torch.float32, 1e-6, torch.channels_last)])
+def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, dtype, rtol, layout):
+    st = ChannelStats()
+    for b in batches:
+        st.update(b.to(dtype).contiguous(memory_format=layout))
+    ref = torch.cat(batches).to(dtype).double()
+    per_channel = ref.transpose(0, 1).reshape(5, -1)
+    torch.testing.assert_close(st.channel_std, per_channel.std(dim=1), rtol=rtol, atol=0)
+    torch.testing.assert_close(st.mean, per_channel.mean(dim=1), rtol=rtol, atol=0)
+    torch.testing.assert_close(st.global_std, ref.std(), rtol=rtol, atol=0)
+    torch.testing.assert_close(st.channel_std_mean, per_channel.std(dim=1).mean(), rtol=rtol, atol=0)
+    torch.testing.assert_close(st.norm, ref.norm(), rtol=rtol, atol=0)
+    assert st.count == ref.numel() // 5
+
+
+def test_merging_two_halves_equals_streaming_the_whole(batches):
+    whole, first, second = ChannelStats(), ChannelStats(), ChannelStats()
+    for i, b in enumerate(batches):
+        whole.update(b)
+        (first if i < 2 else second).update(b)
+    merged = first.merge(second)
+    assert merged.count == whole.count
+    torch.testing.assert_close(merged.moments, whole.moments, rtol=1e-14, atol=0)
+    torch.testing.assert_close(merged.channel_std, whole.channel_std, rtol=1e-14, atol=0)
+    whole.reset()
+    assert whole.count == 0 and torch.count_nonzero(whole.moments) == 0
+
+
+# -- probing never changes outputs -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def torchvision_models():
+    """Random-weight torchvision ResNets, built once (their initialisation is the slow part)."""
+    torch.manual_seed(0)
+    return {"resnet18": torchvision.models.resnet18().eval(), "resnet50": torchvision.models.resnet50().eval()}
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "resnet18", "resnet50"])
+def test_probed_logits_are_bitwise_equal_to_unprobed_logits(name, torchvision_models):
+    torch.manual_seed(0)
+    if name in FAMILIES:
+        model, x = build_model(name, 20).eval(), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = torchvision_models[name], torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        with probe(model, metrics=("response", "gradient")) as session:
+            out = model(x)
+        again = model(x)
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    assert _hooks(model) == 0
+    df = session.table()
+    blocks = anatomy(model).blocks
+    assert set(df.kind) >= {"layer", "branch", "shortcut", "out", "ratio"}
+    assert df[df.kind == "branch"].site.nunique() == len(blocks)  # every block measured
+    assert df.value.notna().all()
+
+
+# -- sites measure what the anatomy defines ------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_site_records_the_anatomy_value_it_names(family):
+    torch.manual_seed(1)
+    model = build_model(family, 14).eval()
+    anat = anatomy(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), probe(model, raw=True) as session:
+        model(x)
+    with torch.no_grad():
+        h = anat.stem(x)
+        for blk in anat.blocks:
+            expected = {"branch": blk.branch(h), "shortcut": blk.shortcut(h), "out": blk.forward(h)}
+            if blk.gate_module is not None:
+                expected["gate"] = blk.gate(h)
+            for kind, value in expected.items():
+                assert torch.equal(session.raw(f"{blk.name}.{kind}"), value), (blk.name, kind)
+            h = expected["out"]
+    st = session.stats["stage2.block1.shortcut"]
+    raw = session.raw("stage2.block1.shortcut").double()
+    torch.testing.assert_close(st.global_std, raw.std(), rtol=1e-6, atol=0)
+
+
+def test_torchvision_inplace_blocks_are_measured_before_their_inplace_ops(torchvision_models):
+    """BN outputs are later modified by ReLU(inplace) and ``out += identity``; the probe must not see that."""
+    torch.manual_seed(2)
+    model = torchvision_models["resnet50"]
+    anat = anatomy(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), probe(model, sites=["stage1.block1.*", "stage2.block2.*"]) as session:
+        model(x)
+    with torch.no_grad():  # the reference, without any in-place op
+        h = anat.stem(x)
+        ref = {}
+        for blk in anat.blocks[:5]:
+            b = blk.module
+            o1 = b.bn1(b.conv1(h))
+            o2 = b.bn2(b.conv2(F.relu(o1)))
+            o3 = b.bn3(b.conv3(F.relu(o2)))
+            s = h if b.downsample is None else b.downsample(h)
+            out = F.relu(o3 + s)
+            ref[blk.name] = {"branch.conv1": o1, "branch.conv2": o2, "branch.conv3": o3, "branch": o3,
+                             "shortcut": s, "out": out}
+            h = out
+    df = session.table()
+    for bname in ("stage1.block1", "stage2.block2"):
+        for part, t in ref[bname].items():
+            t = t.double()
+            per_channel = t.transpose(0, 1).reshape(t.shape[1], -1)
+            site = f"{bname}.{part}"
+            assert _value(df, site, "std") == pytest.approx(t.std().item(), rel=1e-5), site
+            assert _value(df, site, "channel_std_mean") == pytest.approx(
+                per_channel.std(dim=1).mean().item(), rel=1e-5), site
+            assert _value(df, site, "mean") == pytest.approx(t.mean().item(), rel=1e-5, abs=1e-6), site
+        ratio = ref[bname]["branch"].double().norm() / ref[bname]["shortcut"].double().norm()
+        assert _value(df, bname, "norm_ratio", "ratio") == pytest.approx(ratio.item(), rel=1e-5)
+    assert df.loc[df.site == "stage1.block1.branch.conv1", "path"].iloc[0] == "layer1.0.bn1"
+    assert bool(df.loc[df.site == "stage1.block1.shortcut", "downsampling"].iloc[0])  # Bottleneck layer1.0
+
+
+def test_highway_gate_mean_and_saturation_follow_their_definitions():
+    torch.manual_seed(3)
+    model = build_model("highway", 14).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), probe(model, sites="*.gate", raw=True) as session:
+        model(x)
+    df = session.table()
+    t = session.raw("stage2.block2.gate").double()
+    assert _value(df, "stage2.block2.gate", "mean") == pytest.approx(t.mean().item(), rel=1e-6)
+    frac = ((t < 0.1) | (t > 0.9)).double().mean().item()
+    assert _value(df, "stage2.block2.gate", "saturated_fraction") == pytest.approx(frac, rel=1e-12)
+
+
+# -- gradients -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["residual", "resnet18"])
+def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, torchvision_models):
+    torch.manual_seed(4)
+    model = (torchvision_models[name] if name in torchvision_models else build_model(name, 14)).train()
+    anat = anatomy(model)
+    x = torch.randn(2, 3, 32, 32)
+
+    def forward():
+        outs, h = [], anat.stem(x)
+        for blk in anat.blocks:
+            h = blk.module(h)
+            outs.append(h)
+        return anat.head(h), outs
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    logits, outs = forward()
+    act_ref = torch.autograd.grad(F.cross_entropy(logits, torch.arange(2)), outs)
+    model.load_state_dict(state)  # BN running statistics back to where they were
+    with probe(model, metrics=("response", "gradient")) as session:
+        logits2, _ = forward()
+        F.cross_entropy(logits2, torch.arange(2)).backward()
+        session.record_gradients(step=7)
+    assert torch.equal(logits, logits2)
+    df = session.table()
+    grads = df[df.kind == "gradient"]
+    assert set(grads.step) == {7}
+    for blk, g in zip(anat.blocks, act_ref):
+        direct = torch.sqrt(sum(p.grad.double().square().sum() for p in blk.module.parameters()))
+        assert _value(grads, blk.name, "param_grad_norm") == pytest.approx(direct.item(), rel=1e-5)
+        assert _value(grads, f"{blk.name}.out", "activation_grad_norm") == pytest.approx(
+            g.double().norm().item(), rel=1e-5)
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    model.eval()
+
+
+# -- session ownership: exact handles, nesting, failure, notebooks ---------------------------------------
+def test_unknown_site_raises_listing_the_valid_sites():
+    model = build_model("residual", 8)
+    with pytest.raises(ValueError, match=r"stage9\.block1\.branch.*valid sites:.*stage1\.block1\.branch\.conv1"):
+        probe(model, sites=["stage1.*.branch", "stage9.block1.branch"])
+    with pytest.raises(ValueError, match="valid metrics: response, gradient"):
+        probe(model, metrics=("activations",))
+    assert _hooks(model) == 0
+    assert "stage3.block1.shortcut" in site_names(model)
+
+
+def test_nested_sessions_both_record_and_remove_only_their_own_hooks():
+    torch.manual_seed(5)
+    model = build_model("plain", 14).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        with probe(model) as outer:
+            model(x)
+            n_outer = _hooks(model)
+            with probe(model, sites="stage2.*") as inner:
+                model(x)
+            assert _hooks(model) == n_outer
+            model(x)
+        assert _hooks(model) == 0
+        with probe(model) as alone:
+            model(x)
+    a, b, c = outer.table(), inner.table(), alone.table()
+    site = "stage2.block1.shortcut"  # plain nets: the unused parameter-free shortcut, evaluated once per session
+    assert _value(a, site, "count") == 3 * _value(c, site, "count")
+    assert _value(b, site, "count") == _value(c, site, "count")
+    for metric in ("mean", "rms"):  # the outer session saw the same batch three times
+        assert _value(a, site, metric) == pytest.approx(_value(c, site, metric), rel=1e-9)
+    for metric in ("std", "channel_std_mean", "mean", "rms"):
+        assert _value(b, site, metric) == pytest.approx(_value(c, site, metric), rel=1e-9)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_Stop, KeyboardInterrupt])
+def test_no_hook_remains_when_forward_raises(error):
+    model = build_model("residual", 14)
+    conv = model.stage2[1].branch.conv1
+
+    def boom(*args):
+        raise error("stop inside forward")
+    conv.forward = boom
+    try:
+        with pytest.raises(error):
+            with probe(model, metrics=("response", "gradient")):
+                model(torch.randn(2, 3, 32, 32))
+    finally:
+        del conv.forward
+    assert _hooks(model) == 0
+
+
+def test_attaching_is_all_or_nothing(monkeypatch):
+    model = build_model("residual", 14)
+    target = model.stage2[0].branch.bn2
+    original = target.register_forward_hook
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot register")
+    monkeypatch.setattr(target, "register_forward_hook", refuse)
+    with pytest.raises(RuntimeError, match="cannot register"):
+        probe(model)
+    assert _hooks(model) == 0
+    monkeypatch.setattr(target, "register_forward_hook", original)
+
+
+def test_close_is_idempotent_and_a_dropped_session_removes_its_hooks():
+    model = build_model("residual", 8)
+    session = probe(model)
+    n = _hooks(model)
+    assert n > 0
+    session = probe(model)  # re-running a notebook cell: the first session is dropped, not stacked
+    gc.collect()
+    assert _hooks(model) == n
+    session.close()
+    session.close()
+    assert session.closed and _hooks(model) == 0
+
+
+def test_compiled_model_is_refused():
+    model = build_model("residual", 8)
+    with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
+        probe(torch.compile(model))
+    model.compile()
+    with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
+        probe(model)
+    assert _hooks(model) == 0
+
+
+# -- non-finite values -------------------------------------------------------------------------------
+def test_first_nonfinite_site_is_reported():
+    torch.manual_seed(6)
+    model = build_model("residual", 14).eval()
+    with torch.no_grad():
+        model.stage2[1].branch.bn1.weight[3] = float("nan")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="stage2.block2.branch.conv1"):
+        with probe(model) as session:
+            model(x)
+    assert session.nonfinite == "stage2.block2.branch.conv1"
+    with torch.no_grad(), pytest.raises(NonFiniteError) as info:
+        with probe(model, strict=True):
+            model(x)
+    assert info.value.site == "stage2.block2.branch.conv1"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with probe(model, sites="stage1.*") as clean:
+            model(x)
+    assert clean.nonfinite is None
+
+
+# -- results ------------------------------------------------------------------------------------------
+def test_state_memory_is_independent_of_the_number_of_examples():
+    model = build_model("residual", 8).eval()
+    sizes = []
+    for n in (2, 16):
+        with torch.no_grad(), probe(model) as session:
+            model(torch.randn(n, 3, 32, 32))
+        sizes.append(session.state_bytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_table_is_tidy_and_renders_in_a_notebook():
+    model = build_model("highway", 8).eval()
+    with torch.no_grad(), probe(model) as session:
+        model(torch.randn(2, 3, 32, 32))
+    df = session.table()
+    assert list(df.columns) == ["site", "stage", "block", "kind", "metric", "value", "downsampling", "path", "step"]
+    assert set(df.kind) == {"layer", "branch", "shortcut", "out", "gate", "ratio"}
+    assert {"std", "channel_std_mean", "norm_ratio", "saturated_fraction"} <= set(df.metric)
+    branch = df[(df.kind == "branch") & (df.metric == "std")]
+    assert list(branch.site) == ["stage1.block1.branch", "stage2.block1.branch", "stage3.block1.branch"]
+    html = session._repr_html_()
+    assert "<table" in html and "stage3.block1.branch" in html and "channel_std_mean" in html
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_probe_matches_cpu_and_keeps_outputs_bitwise_under_bf16_autocast():
+    torch.manual_seed(7)
+    model = build_model("residual", 20).eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad(), probe(model) as on_cpu:
+        model(x)
+    model, x = model.cuda(), x.cuda()
+    with torch.no_grad():
+        ref = model(x)
+        with probe(model) as on_gpu:
+            out = model(x)
+        assert torch.equal(out, ref)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref16 = model(x)
+            with probe(model) as in_bf16:
+                out16 = model(x)
+        assert torch.equal(out16, ref16)
+    a, b = on_cpu.table(), on_gpu.table()
+    assert a.site.tolist() == b.site.tolist()
+    assert b.value.to_numpy() == pytest.approx(a.value.to_numpy(), rel=1e-3, abs=1e-5)
+    c = in_bf16.table()
+    assert c[c.metric == "std"].value.to_numpy() == pytest.approx(a[a.metric == "std"].value.to_numpy(), rel=0.05)
+    assert next(iter(on_gpu.stats.values())).moments.device.type == "cuda"

@@ -1,0 +1,175 @@
+"""Under DDP (2 gloo ranks on CPU), probes give the statistics of one process over all the data."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from resnet_probe.models import build_model
+from resnet_probe.probes import probe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 3, 16, 16, generator=g)
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("highway", 8).eval()
+
+
+def _measure(model, batches):
+    """Responses of every batch, plus activation gradients of the summed squared logits (one step)."""
+    with probe(model, metrics=("response", "gradient")) as session:
+        for x in batches:
+            model(x).square().sum().backward()
+        session.record_gradients(step=0)
+        if dist.is_initialized():
+            session.all_reduce()
+    return session.table()
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x = _data()
+        half = x[:6] if rank == 0 else x[6:]
+        batches = [half[:4], half[4:]] if rank == 0 else [half[:1], half[1:]]  # different batch sizes
+        _measure(_model(), batches).to_pickle(os.path.join(out, f"rank{rank}.pkl"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _compared(df: pd.DataFrame) -> pd.DataFrame:
+    keep = df[df.metric != "param_grad_norm"]  # parameter gradients are DDP's own all-reduce
+    return keep.set_index(["site", "kind", "metric"])["value"].sort_index()
+
+
+def test_two_gloo_ranks_with_half_the_data_each_equal_one_process_with_all(tmp_path):
+    single = _compared(_measure(_model(), [_data()]))  # first: the forked ranks inherit its imports
+    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in (0, 1):
+        ranked = _compared(pd.read_pickle(tmp_path / f"rank{rank}.pkl"))
+        assert ranked.index.equals(single.index)
+        pd.testing.assert_series_equal(ranked, single, rtol=1e-6, atol=0)
+    kinds = set(single.index.get_level_values("kind"))
+    assert {"layer", "branch", "shortcut", "out", "gate", "ratio", "gradient"} <= kinds
+
+
+_LIGHTNING_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+
+    out = Path(sys.argv[1])
+    written, recording = [], [True]
+
+    def audit(event, args):
+        if not recording[0]:
+            return
+        if event == "open" and args[0] is not None and str(args[0]).startswith(str(out)):
+            mode, flags = args[1], args[2]
+            if (mode and any(c in mode for c in "wax+")) or (flags and flags & (os.O_WRONLY | os.O_RDWR)):
+                written.append(str(args[0]))
+        elif event == "os.rename" and str(args[1]).startswith(str(out)):
+            written.append(str(args[1]))
+
+    sys.addaudithook(audit)
+    import torch
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from resnet_probe.train.module import CifarClassifier
+    from resnet_probe.probes.callback import ProbeCallback
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g)
+    train = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=4)
+    val = DataLoader(TensorDataset(x[16:], y[16:]), batch_size=4)
+    module = CifarClassifier(family="residual", depth=8, recipe="fast", epochs=1, seed=0)
+    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=out / "run",  # the run folder
+                         callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=1)])
+    trainer.fit(module, train, val)
+    rank = trainer.global_rank
+    if rank == 0:
+        torch.save(module.model.state_dict(), out / "weights.pt")
+        torch.save(x[16:], out / "val.pt")
+    recording[0] = False
+    files = sorted(set(written))
+    (out / f"written-rank{rank}.json").write_text(json.dumps(files))
+''')
+
+
+def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(tmp_path):
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(_LIGHTNING_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    written = {r: json.loads((tmp_path / f"written-rank{r}.json").read_text()) for r in (0, 1)}
+    assert written[1] == []
+    run = tmp_path / "run"
+    assert {Path(p).name for p in written[0] if Path(p).parent == run} >= {
+        "probe_responses.csv", "probe_gradients.csv"}
+    assert sorted(p.name for p in run.iterdir()) == ["probe_gradients.csv", "probe_responses.csv"]
+
+    responses = pd.read_csv(run / "probe_responses.csv")
+    assert list(responses.columns[:8]) == ["run", "seed", "model", "site", "metric", "value", "step", "epoch"]
+    assert set(responses.epoch) == {0} and set(responses.model) == {"residual-8"}
+
+    model = build_model("residual", 8)
+    model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    model.eval()
+    with torch.no_grad(), probe(model) as session:
+        model(torch.load(tmp_path / "val.pt", weights_only=True))
+    single = session.table().set_index(["site", "kind", "metric"])["value"].sort_index()
+    ddp = responses.set_index(["site", "kind", "metric"])["value"].sort_index()
+    assert ddp.index.equals(single.index)
+    pd.testing.assert_series_equal(ddp, single, rtol=1e-6, atol=0)
+
+    gradients = pd.read_csv(run / "probe_gradients.csv")
+    assert set(gradients.step) == {0, 1}  # 16 images, 2 ranks, batches of 4: two optimisation steps
+    assert set(gradients.metric) == {"param_grad_norm", "activation_grad_norm"}
+    assert (gradients.value > 0).all()
+
+
+def test_probe_callback_refuses_a_compiled_model_and_detaches_on_exception():
+    from resnet_probe.probes.callback import ProbeCallback
+    from resnet_probe.train.module import CifarClassifier
+
+    module = CifarClassifier(family="plain", depth=8, recipe="fast", epochs=1)
+    callback = ProbeCallback(every_n_epochs=1, every_n_steps=1)
+    callback.setup(None, module, "fit")
+    hooked = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())
+    assert hooked > 0
+    callback.on_exception(None, module, KeyboardInterrupt())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules()) == 0
+
+    module.model.compile()  # in place, as CifarClassifier(compile=True) does on CUDA
+    with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
+        callback.setup(None, module, "fit")
+    with pytest.raises(ValueError, match="every_n_steps must be a non-negative integer"):
+        ProbeCallback(every_n_steps=-1)
