@@ -1,0 +1,86 @@
+"""``resnet-probe``: the command-line entry point.
+
+Subcommands ``fit``, ``validate`` and ``test`` run LightningCLI (see
+``resnet_probe.train.cli``); ``report RUN_DIR`` rebuilds a run's report from its saved tables;
+``inspect FILE`` loads a checkpoint or torchvision state_dict safely and prints what it holds.
+Heavy imports happen inside each branch, so ``resnet-probe --help`` is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import resnet_probe
+
+TRAIN_SUBCOMMANDS = ("fit", "validate", "test")
+SUBCOMMANDS = {
+    "fit": "train a CIFAR network (LightningCLI; resume with --ckpt_path last --run_dir RUN)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split",
+    "report": "rebuild a run folder's tables, figures and report: resnet-probe report RUN_DIR",
+    "inspect": "load a checkpoint / torchvision state_dict safely and describe it",
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"usage: resnet-probe {{{','.join(SUBCOMMANDS)}}} ...", "",
+             "Measure why residual networks train and how they use their blocks.", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()]
+    lines += ["", "`resnet-probe SUBCOMMAND --help` shows a subcommand's options, e.g.",
+              "  resnet-probe fit --model.family plain --model.depth 56 --model.recipe fast --data.data auto"]
+    return "\n".join(lines)
+
+
+def inspect_main(argv: list[str]) -> int:
+    """``resnet-probe inspect FILE``: kind, architecture, parameters and blocks of a model file."""
+    from .checkpoints import CheckpointError, add_load_arguments, load_model
+    from .models import anatomy, count_parameters
+
+    parser = argparse.ArgumentParser(prog="resnet-probe inspect", description=inspect_main.__doc__)
+    parser.add_argument("source", help="a .ckpt, a torchvision state_dict file, or torchvision:NAME")
+    add_load_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        model, info = load_model(args.source, arch=args.arch, allow_unsafe=args.allow_unsafe_load)
+    except CheckpointError as e:
+        print(f"resnet-probe inspect: {e}", file=sys.stderr)
+        return 1
+    blocks = anatomy(model).names
+    print(f"file:       {info['path'] or args.source}")
+    print(f"kind:       {info['kind']}")
+    print(f"arch:       {info['arch']}")
+    print(f"parameters: {count_parameters(model):,}")
+    print(f"blocks:     {len(blocks)} ({blocks[0]} ... {blocks[-1]})")
+    for key, value in sorted(info["hparams"].items()):
+        print(f"  {key} = {value!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``resnet-probe SUBCOMMAND ...``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"resnet-probe {resnet_probe.__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in TRAIN_SUBCOMMANDS:
+        from .train.cli import cli_main
+        cli_main([command, *rest])
+        return 0
+    if command == "report":
+        from .report import rebuild_main
+        return int(rebuild_main(rest) or 0)
+    if command == "inspect":
+        return inspect_main(rest)
+    print(f"resnet-probe: unknown subcommand {command!r}; valid subcommands: {', '.join(SUBCOMMANDS)}\n",
+          file=sys.stderr)
+    print(usage(), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""``GroupedClassifier``: S seeds of one CIFAR architecture trained side by side as one network.
+
+The network is a ``resnet_probe.models.grouped.GroupedCifarNet`` (convolutions grouped by model);
+the loss is the sum over models of each model's mean cross-entropy, so every model gets exactly
+the gradient it would get alone, and the recipe's SGD (momentum, weight decay: per parameter)
+updates each model as if it were trained alone. Training batches are either shared by all models
+(``shared_batches=True``: ordinary ``(x, y)`` batches) or one per model, in per-model orders:
+``(x, y)`` with ``x`` of shape ``(S, B, 3, H, W)`` (or ``(S*B, 3, H, W)``, S consecutive blocks)
+and ``y`` of shape ``(S, B)`` (or ``(S*B,)``), as ``PerModelBatches`` makes from S loaders with
+their own seeds. Validation and test batches are shared: every model sees the same images.
+
+Metrics are summed per model on the device and read by the host only every ``log_every_n_steps``
+steps and at epoch end. Logged: ``{stage}_loss`` and ``{stage}_error`` (means over models) and
+``{stage}_loss/model{s}``, ``{stage}_error/model{s}`` per model. Depth >= 110 paper warm-up: the
+models share one learning rate, so the warm-up ends when *every* model's training error is below
+the threshold (the lone recipe ends it per model).
+
+``export_checkpoints(dir)`` writes one ordinary ``CifarClassifier`` checkpoint per model, which
+``CifarClassifier.load_from_checkpoint`` and every study read as if the model had been trained alone.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from ..atomic import atomic_path
+from ..models.grouped import GroupedCifarNet, grouped_cross_entropy
+from .recipes import PaperSchedule, build_optimization, check_recipe, training_length
+
+STAGES = ("train", "val", "test")
+
+
+class PerModelBatches:
+    """S loaders zipped into per-model batches ``(x (S, B, ...), y (S, B))``, one loader per model.
+
+    Give each loader its own shuffling seed so that each model sees its own data order. Its length
+    is the shortest loader's; all loaders must yield batches of one size (use ``drop_last``).
+
+    Args:
+        loaders: one iterable of ``(x, y)`` batches per model.
+    """
+
+    def __init__(self, loaders: Sequence[Iterable]):
+        self.loaders = list(loaders)
+        if not self.loaders:
+            raise ValueError("PerModelBatches needs one loader per model; got none")
+
+    def __len__(self) -> int:
+        return min(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        for batches in zip(*self.loaders):
+            xs, ys = zip(*((b[0], b[1]) for b in batches))
+            yield torch.stack(xs), torch.stack(ys)
+
+    @property
+    def sampler(self) -> "PerModelBatches":
+        """Its own sampler, so that Lightning's per-epoch ``sampler.set_epoch`` call reaches the loaders."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``epoch`` to every loader whose sampler has ``set_epoch``."""
+        for loader in self.loaders:
+            set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """The loaders' states (for exact mid-epoch resume), where they have one."""
+        return {"loaders": [loader.state_dict() if hasattr(loader, "state_dict") else None
+                            for loader in self.loaders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["loaders"]
+        if len(states) != len(self.loaders):
+            raise ValueError(f"state holds {len(states)} loaders; this has {len(self.loaders)}")
+        for loader, st in zip(self.loaders, states):
+            if st is not None:
+                loader.load_state_dict(st)
+
+
+def per_model_train_batches(datamodule, data_seeds: Sequence[int]) -> PerModelBatches:
+    """Per-model training batches from a ``CifarDataModule``'s training split, one order per seed.
+
+    Each model gets a ``ResidentLoader`` with the data module's batch size, augmentation and
+    ``drop_last``, seeded with its own data seed (pass the model seeds to pair model ``s``'s order
+    with its initialisation); the images are moved to the data module's device once and shared.
+
+    Args:
+        datamodule: a ``resnet_probe.data.CifarDataModule``.
+        data_seeds: one shuffling / augmentation seed per model.
+
+    Returns:
+        ``PerModelBatches`` yielding ``(x (S, B, 3, 32, 32), y (S, B))``.
+    """
+    from ..data import ResidentLoader
+
+    images, labels = datamodule.splits()["train"]
+    device = datamodule.resident_device()
+    images, labels = images.to(device), labels.to(device)
+    hp = datamodule.hparams
+    return PerModelBatches([
+        ResidentLoader(images, labels, hp.batch_size, shuffle=True, augment=hp.augment, drop_last=hp.drop_last,
+                       seed=int(seed), num_classes=datamodule.num_classes) for seed in data_seeds])
+
+
+class GroupedClassifier(pl.LightningModule):
+    """S CIFAR classifiers of one architecture, one per seed, trained as one grouped network.
+
+    Args:
+        family, depth, option, width, gate_bias, num_classes: the architecture, as ``CifarClassifier``.
+        seeds: one initialisation seed per model; model ``s`` starts as ``CifarClassifier(seed=seeds[s])``.
+        shared_batches: every model trains on the same batches (``True``) or on its own batch of a
+            per-model data order (``False``; see the module docstring for the batch layout).
+        recipe, lr, momentum, weight_decay, nesterov, epochs, max_steps, warmup, warmup_lr,
+            warmup_until_error: the training recipe, as ``CifarClassifier``.
+        compile: compile the network with ``torch.compile`` on CUDA (ignored on CPU).
+        log_every_n_steps: optimizer steps between host reads of the running training metrics.
+    """
+
+    def __init__(self, family: str = "residual", depth: int = 20, option: str = "A", width: int = 1,
+                 gate_bias: float | None = None, num_classes: int = 10, seeds: Sequence[int] = (0, 1, 2, 3),
+                 shared_batches: bool = False, recipe: str = "paper", lr: float | None = None,
+                 momentum: float | None = None, weight_decay: float | None = None,
+                 nesterov: bool | None = None, epochs: int | None = None, max_steps: int | None = None,
+                 warmup: bool | None = None, warmup_lr: float = 0.01, warmup_until_error: float = 0.8,
+                 compile: bool = False, log_every_n_steps: int = 50):
+        super().__init__()
+        check_recipe(recipe)
+        training_length(recipe, epochs, max_steps)
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be a positive integer; got {log_every_n_steps!r}")
+        seeds = list(seeds)  # saved as a list (save_hyperparameters reads the local variables)
+        self.save_hyperparameters()
+        self.model = GroupedCifarNet(family, depth, option, width, gate_bias, num_classes, seeds=seeds)
+        self._sums: dict[str, torch.Tensor | None] = dict.fromkeys(STAGES)  # (S, 2): loss sum, errors
+        self._counts: dict[str, int] = dict.fromkeys(STAGES, 0)             # images per model
+        self._window: torch.Tensor | None = None
+        self._window_count = 0
+        self._device_ready = False
+
+    @property
+    def num_models(self) -> int:
+        return self.model.num_models
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(S, N, classes)``; ``x`` as ``GroupedCifarNet.stack_inputs`` accepts."""
+        return self.model(x)
+
+    @property
+    def trainer_limits(self) -> dict[str, int]:
+        """``max_epochs`` / ``max_steps`` for a Trainer running this recipe (``-1`` = no limit)."""
+        return training_length(self.hparams.recipe, self.hparams.epochs, self.hparams.max_steps)
+
+    def _prepare_device(self) -> None:
+        if self._device_ready:
+            return
+        self._device_ready = True
+        if self.device.type != "cuda":
+            if self.hparams.compile:
+                rank_zero_warn("compile=True is ignored off CUDA; the network runs eagerly")
+            return
+        self.model.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.model.compile()
+
+    def on_fit_start(self) -> None:
+        self._prepare_device()
+
+    def on_validation_start(self) -> None:
+        self._prepare_device()
+
+    def on_test_start(self) -> None:
+        self._prepare_device()
+
+    # ---- steps -----------------------------------------------------------------------------------
+
+    def _grouped_batch(self, batch, per_model: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped inputs ``(B, S*3, H, W)`` and targets ``(S, B)`` from a shared or per-model batch."""
+        x, y = batch[0], batch[1]
+        s = self.num_models
+        if per_model:
+            if x.dim() == 4:
+                if x.shape[0] % s:
+                    raise ValueError(f"a per-model batch of {x.shape[0]} images does not split into "
+                                     f"{s} models; give (S, B, 3, H, W) or S*B images")
+                x = x.reshape(s, x.shape[0] // s, *x.shape[1:])
+            y = y.reshape(s, -1)
+            if x.dim() != 5 or x.shape[0] != s:
+                raise ValueError(f"per-model batches must have shape (S={s}, B, 3, H, W); got {tuple(x.shape)}")
+        else:
+            if x.dim() != 4:
+                raise ValueError(f"shared batches must have shape (B, 3, H, W); got {tuple(x.shape)} "
+                                 "(per-model batches need shared_batches=False)")
+            y = y.expand(s, -1)
+        x = self.model.stack_inputs(x)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = self._grouped_batch(batch, per_model=stage == "train" and not self.hparams.shared_batches)
+        logits = self.model.forward_grouped(x)
+        losses = grouped_cross_entropy(logits, y)
+        with torch.no_grad():
+            n = y.shape[1]
+            wrong = (logits.argmax(dim=2) != y).sum(dim=1)
+            dtype = torch.float32 if losses.device.type == "mps" else torch.float64
+            stats = torch.stack([losses.detach().to(dtype) * n, wrong.to(dtype)], dim=1)
+            if self._sums[stage] is None:
+                self._sums[stage] = torch.zeros_like(stats)
+            self._sums[stage] += stats
+            self._counts[stage] += n
+        return losses.sum()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    # ---- host reads ----------------------------------------------------------------------------------
+
+    def _reset(self, stage: str) -> None:
+        self._sums[stage], self._counts[stage] = None, 0
+        if stage == "train":
+            self._window, self._window_count = None, 0
+
+    def on_train_epoch_start(self) -> None:
+        self._reset("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
+
+    def _log_per_model(self, metrics: dict[str, list[float]], on_step: bool, prog_bar: bool) -> None:
+        """Log each metric's mean over models (on the progress bar) and its value per model."""
+        means = {name: sum(v) / len(v) for name, v in metrics.items()}
+        per_model = {f"{name}/model{s}": x for name, v in metrics.items() for s, x in enumerate(v)}
+        self.log_dict(means, on_step=on_step, on_epoch=not on_step, prog_bar=prog_bar, logger=True)
+        self.log_dict(per_model, on_step=on_step, on_epoch=not on_step, prog_bar=False, logger=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.hparams.log_every_n_steps or self._sums["train"] is None:
+            return
+        sums, count = self._sums["train"], self._counts["train"]
+        n = count - self._window_count
+        if n <= 0:
+            return
+        prev = torch.zeros_like(sums) if self._window is None else self._window
+        window = ((sums - prev) / n).tolist()  # the one host read of this window
+        self._window, self._window_count = sums.clone(), count
+        losses, errors = [w[0] for w in window], [w[1] for w in window]
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, PaperSchedule) and scheduler.warming_up:
+            scheduler.observe_train_error(max(errors))
+        self._log_per_model({"train_loss_step": losses, "train_error_step": errors}, on_step=True, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 prog_bar=True, logger=True)
+
+    def _log_epoch(self, stage: str) -> None:
+        sums = self._sums[stage]
+        if sums is None:
+            return
+        # sums and counts are reduced over processes before dividing: never a mean of means
+        count = torch.tensor([float(self._counts[stage])], dtype=sums.dtype, device=sums.device)
+        total = self.trainer.strategy.reduce(torch.cat([sums.flatten(), count]), reduce_op="sum")
+        per_model = (total[:-1].reshape(-1, 2) / total[-1]).tolist()
+        self._log_per_model({f"{stage}_loss": [m[0] for m in per_model], f"{stage}_error": [m[1] for m in per_model]},
+                            on_step=False, prog_bar=stage != "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # ---- optimisation --------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        h = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("the training length is unbounded: set epochs or max_steps "
+                             f"(Trainer limits for this recipe: {self.trainer_limits})")
+        optimizer, scheduler = build_optimization(
+            self.model.parameters(), h.recipe, int(total), depth=h.depth, lr=h.lr, momentum=h.momentum,
+            weight_decay=h.weight_decay, nesterov=h.nesterov, warmup=h.warmup, warmup_lr=h.warmup_lr,
+            warmup_until_error=h.warmup_until_error)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- export ----------------------------------------------------------------------------------------
+
+    def export_checkpoints(self, directory: str | Path) -> list[Path]:
+        """Write one ordinary ``CifarClassifier`` checkpoint per model: ``model{s}-seed{seed}.ckpt``.
+
+        Each holds that model's exact weights and BatchNorm buffers and the ``CifarClassifier``
+        hyperparameters of its lone counterpart (``seed = seeds[s]``), so
+        ``CifarClassifier.load_from_checkpoint`` rebuilds it; ``"grouped"`` records where it came
+        from. No optimizer or loop state is written (they are not separable per model on resume).
+
+        Args:
+            directory: destination folder (created if missing); files are written atomically.
+
+        Returns:
+            The checkpoint paths, in model order.
+        """
+        from .module import CifarClassifier
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        accepted = inspect.signature(CifarClassifier.__init__).parameters
+        shared = {k: v for k, v in self.hparams.items() if k in accepted and k != "seeds"}
+        paths = []
+        for s, (model, seed) in enumerate(zip(self.model.export(), self.hparams.seeds)):
+            lone = CifarClassifier(**shared, seed=seed)
+            lone.model.load_state_dict(model.state_dict())
+            checkpoint = {
+                "state_dict": {k: v.detach().cpu() for k, v in lone.state_dict().items()},
+                "hyper_parameters": dict(lone.hparams),
+                "pytorch-lightning_version": pl.__version__,
+                "epoch": self.current_epoch, "global_step": self.global_step,
+                "grouped": {"model_index": s, "num_models": self.num_models, "seeds": list(self.hparams.seeds),
+                            "shared_batches": bool(self.hparams.shared_batches)},
+            }
+            path = directory / f"model{s}-seed{seed}.ckpt"
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+            paths.append(path)
+        return paths

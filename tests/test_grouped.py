@@ -1,0 +1,238 @@
+"""Seeds side by side: S CIFAR nets trained as one grouped network train exactly as S lone nets."""
+import pytest
+import torch
+
+from resnet_probe.models import anatomy, build_model
+from resnet_probe.models.grouped import GroupedCifarNet, grouped_cross_entropy
+
+SEEDS = [3, 11, 7]
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def lone_models(seeds, **config):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(build_model(**config))
+    return out
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def batches(steps, s, n=6, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, n, 3, size, size, generator=g), torch.randint(0, 10, (s, n), generator=g))
+            for _ in range(steps)]
+
+
+def test_grouped_model_s_is_the_lone_model_built_from_seed_s():
+    config = dict(family="highway", depth=8, option="B")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    grouped = GroupedCifarNet(**config, seeds=SEEDS)
+    assert torch.equal(torch.get_rng_state(), before), "building the grouped net must not reseed the caller"
+    for model, lone in zip(grouped.export(), lone_models(SEEDS, **config)):
+        assert list(model.state_dict()) == list(lone.state_dict())
+        for key, value in lone.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("family,depth,option", [("residual", 8, "A"), ("plain", 14, "A"), ("highway", 8, "B")])
+def test_grouped_sgd_steps_equal_independent_steps(family, depth, option, mode):
+    config = dict(family=family, depth=depth, option=option)
+    lone = lone_models(SEEDS, **config)
+    grouped = GroupedCifarNet(**config, seeds=SEEDS)
+    for m in [grouped, *lone]:
+        m.train(mode == "train")
+    opt_grouped, opts = sgd(grouped.parameters()), [sgd(m.parameters()) for m in lone]
+
+    for step, (x, y) in enumerate(batches(2, len(SEEDS))):
+        logits = grouped(x)
+        losses = grouped_cross_entropy(logits, y)
+        lone_logits = [m(x[s]) for s, m in enumerate(lone)]
+        lone_losses = [torch.nn.functional.cross_entropy(z, y[s]) for s, z in enumerate(lone_logits)]
+        if step == 0:
+            torch.testing.assert_close(logits, torch.stack(lone_logits), **TOL)
+            torch.testing.assert_close(losses, torch.stack(lone_losses), **TOL)
+        opt_grouped.zero_grad()
+        losses.sum().backward()
+        opt_grouped.step()
+        for opt, loss in zip(opts, lone_losses):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    for exported, ref in zip(grouped.export(), lone):
+        got, want = exported.state_dict(), ref.state_dict()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], **TOL, msg=lambda m: f"{key}: {m}")
+
+
+def test_exported_models_load_as_ordinary_cifarnets_and_give_the_grouped_logits():
+    config = dict(family="preact", depth=8, option="C")
+    grouped = GroupedCifarNet(**config, seeds=SEEDS).train()
+    x, _ = batches(1, len(SEEDS))[0]
+    grouped(x)  # move the BatchNorm running statistics away from their initial values
+    grouped.eval()
+    with torch.no_grad():
+        logits = grouped(x)
+        for s, exported in enumerate(grouped.export()):
+            fresh = build_model(**config).eval()
+            fresh.load_state_dict(exported.state_dict())
+            assert torch.equal(fresh(x[s]), exported(x[s]))
+            torch.testing.assert_close(fresh(x[s]), logits[s], **TOL)
+            assert len(anatomy(fresh)) == 3
+
+
+def test_from_models_and_export_round_trip_exactly():
+    models = lone_models(SEEDS, family="residual", depth=8, option="B", width=2)
+    for m in models:  # distinct BatchNorm statistics per model
+        m.train()(torch.randn(4, 3, 8, 8))
+    back = GroupedCifarNet.from_models(models).export()
+    for a, b in zip(back, models):
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_a_shared_batch_feeds_every_model_the_same_images():
+    grouped = GroupedCifarNet("residual", 8, seeds=SEEDS).eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        shared = grouped(x)
+        stacked = grouped(x.expand(len(SEEDS), *x.shape))
+    assert shared.shape == (len(SEEDS), 5, 10)
+    torch.testing.assert_close(shared, stacked, rtol=0, atol=0)
+    torch.testing.assert_close(grouped_cross_entropy(shared, torch.zeros(5, dtype=torch.long)),
+                               grouped_cross_entropy(shared, torch.zeros(3, 5, dtype=torch.long)))
+
+
+def test_channels_last_layout_gives_the_same_logits_and_option_a_padding_keeps_it():
+    grouped = GroupedCifarNet("residual", 8, option="A", seeds=SEEDS).eval()
+    x = torch.randn(len(SEEDS), 4, 3, 16, 16)
+    pad = grouped.stage2[0].shortcut
+    h = torch.randn(4, 16 * len(SEEDS), 8, 8)
+    h_last = h.contiguous(memory_format=torch.channels_last)
+    assert pad(h_last).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pad(h_last), pad(h), rtol=0, atol=0)
+    with torch.no_grad():
+        ref = grouped(x)
+        grouped.to(memory_format=torch.channels_last)
+        got = grouped.forward_grouped(grouped.stack_inputs(x).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_gradients_equal_lone_gradients_on_cuda_in_channels_last():
+    config = dict(family="highway", depth=8, option="A")
+    lone = [m.cuda() for m in lone_models(SEEDS, **config)]
+    grouped = GroupedCifarNet(**config, seeds=SEEDS).cuda().to(memory_format=torch.channels_last)
+    (x, y), = batches(1, len(SEEDS), size=32)
+    x, y = x.cuda(), y.cuda()
+    grouped_cross_entropy(grouped.forward_grouped(
+        grouped.stack_inputs(x).contiguous(memory_format=torch.channels_last)), y).sum().backward()
+    for s, m in enumerate(lone):
+        torch.nn.functional.cross_entropy(m(x[s]), y[s]).backward()
+    # cuDNN may use TF32 for convolutions: compare at TF32 precision
+    for name, p in grouped.named_parameters():
+        got = p.grad.reshape(len(SEEDS), -1)
+        want = torch.stack([dict(m.named_parameters())[name].grad.reshape(-1) for m in lone])
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_bad_inputs_raise_naming_what_is_accepted():
+    with pytest.raises(ValueError, match="one architecture"):
+        GroupedCifarNet.from_models([build_model("residual", 8), build_model("plain", 8)])
+    with pytest.raises(ValueError, match="non-empty list of integers"):
+        GroupedCifarNet("residual", 8, seeds=[])
+    with pytest.raises(ValueError, match="valid families"):
+        GroupedCifarNet("dense", 8, seeds=[0])
+    grouped = GroupedCifarNet("residual", 8, seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"per-model batches \(S=2"):
+        grouped(torch.randn(3, 2, 3, 8, 8))
+
+
+# ---- Lightning: GroupedClassifier ------------------------------------------------------------------
+
+def _fit(module, train, val, steps):
+    import pytorch_lightning as pl
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _synthetic_loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g))
+
+    def shuffled(seed):
+        return DataLoader(data, batch_size=8, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(seed))
+    return shuffled, DataLoader(data, batch_size=16)
+
+
+@pytest.mark.filterwarnings("ignore:You called `self.log")
+def test_grouped_fit_trains_each_model_as_a_lone_classifier_on_its_own_data_order():
+    from resnet_probe.train.grouped import GroupedClassifier, PerModelBatches
+    from resnet_probe.train.module import CifarClassifier
+
+    shuffled, val = _synthetic_loaders()
+    hp = dict(family="residual", depth=8, recipe="paper", max_steps=4, warmup=False, log_every_n_steps=2)
+    grouped = GroupedClassifier(seeds=[5, 9], shared_batches=False, **hp)
+    metrics = _fit(grouped, PerModelBatches([shuffled(100), shuffled(200)]), val, steps=4)  # one epoch
+    assert {"val_error", "val_error/model0", "val_error/model1", "train_loss_step/model1"} <= set(metrics)
+
+    # model 1: the second channel block, its own seed and its own data order
+    lone = CifarClassifier(seed=9, **hp)
+    lone_metrics = _fit(lone, shuffled(200), val, steps=4)
+    assert metrics["val_error/model1"] == pytest.approx(lone_metrics["val_error"], abs=1e-6)
+    assert metrics["val_loss/model1"] == pytest.approx(lone_metrics["val_loss"], rel=1e-4)
+    exported = grouped.model.export()[1].state_dict()
+    for key, value in lone.model.state_dict().items():
+        torch.testing.assert_close(exported[key], value, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:You called `self.log")
+def test_exported_checkpoints_load_as_ordinary_classifiers_with_the_grouped_logits(tmp_path):
+    from resnet_probe.checkpoints import load_model
+    from resnet_probe.train.grouped import GroupedClassifier
+    from resnet_probe.train.module import CifarClassifier
+
+    shuffled, val = _synthetic_loaders()
+    grouped = GroupedClassifier(family="highway", depth=8, seeds=[1, 2], shared_batches=True, recipe="fast",
+                                max_steps=2)
+    _fit(grouped, shuffled(0), val, steps=2)
+    paths = grouped.export_checkpoints(tmp_path / "ckpts")
+    assert [p.name for p in paths] == ["model0-seed1.ckpt", "model1-seed2.ckpt"]
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        logits = grouped.eval()(x)
+        for s, path in enumerate(paths):
+            raw = torch.load(path, weights_only=True)
+            assert raw["hyper_parameters"]["seed"] == [1, 2][s] and raw["grouped"]["model_index"] == s
+            lone = CifarClassifier.load_from_checkpoint(path).eval()
+            assert lone.hparams.family == "highway" and lone.hparams.recipe == "fast"
+            torch.testing.assert_close(lone(x), logits[s], **TOL)
+            model, info = load_model(path)
+            assert info["kind"] == "project"
+            torch.testing.assert_close(model(x), logits[s], **TOL)
+
+
+def test_per_model_batches_are_the_lone_runs_batches_with_the_model_seeds():
+    from resnet_probe.data import CifarDataModule, make_synthetic
+    from resnet_probe.train.grouped import per_model_train_batches
+
+    source = make_synthetic(n_train=96, n_test=16, seed=0)
+    kw = dict(batch_size=16, val_size=32, drop_last=True, gpu_resident=False)
+    per_model = per_model_train_batches(CifarDataModule.from_source(source, **kw), [4, 8])
+    assert len(per_model) == 4
+    x, y = next(iter(per_model))
+    assert x.shape == (2, 16, 3, 32, 32) and y.shape == (2, 16)
+    assert not torch.equal(y[0], y[1])
+    for s, seed in enumerate([4, 8]):
+        lone_x, lone_y = next(iter(CifarDataModule.from_source(source, seed=seed, **kw).train_dataloader()))
+        assert torch.equal(x[s], lone_x) and torch.equal(y[s], lone_y)

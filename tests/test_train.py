@@ -1,0 +1,330 @@
+"""Training: the module's metrics, recipes' schedules, checkpoints, the CLI and exact resume."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+
+from resnet_probe.checkpoints import load_model
+from resnet_probe.data import CifarDataModule, default_pack_path, make_synthetic, write_pack
+from resnet_probe.train import CifarClassifier, PaperSchedule, build_optimization, train_quick
+from resnet_probe.train.quick import _quiet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_data(**kwargs) -> CifarDataModule:
+    kwargs = {"batch_size": 32, "val_size": 64, "eval_batch_size": 64, **kwargs}
+    return CifarDataModule.from_source(make_synthetic(n_train=320, n_test=64, seed=0), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    model, metrics = train_quick("residual", 8, data=tiny_data(), epochs=2, out_dir=out, log_every_n_steps=3)
+    return model, metrics, out
+
+
+# ---- the module --------------------------------------------------------------------------------
+
+def test_hparams_are_primitives_only():
+    model = CifarClassifier("highway", 14, recipe="fast", epochs=3)
+    assert all(v is None or isinstance(v, (str, int, float, bool)) for v in model.hparams.values())
+    assert model.hparams.family == "highway" and model.model.family == "highway"
+
+
+def test_epoch_metrics_equal_a_direct_evaluation(tiny_run):
+    """The device-side running sums give the same val loss / error as evaluating the model afresh."""
+    model, metrics, _ = tiny_run
+    dm = tiny_data()
+    dm.setup()
+    losses, wrong, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in dm.val_dataloader():
+            logits = model(x)
+            losses += F.cross_entropy(logits, y, reduction="sum").item()
+            wrong += int((logits.argmax(1) != y).sum())
+            n += len(y)
+    assert n == 64
+    assert metrics["val_error"] == pytest.approx(wrong / n, abs=1e-7)
+    assert metrics["val_loss"] == pytest.approx(losses / n, rel=1e-5)
+    assert metrics["val_accuracy"] == pytest.approx(1 - wrong / n, abs=1e-7)
+    assert metrics["steps"] == 2 * 8 and metrics["synthetic"] is True
+
+
+def test_metrics_csv_has_per_epoch_and_every_n_step_rows(tiny_run):
+    _, metrics, out = tiny_run
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    epochs = {}
+    for row in rows:
+        for key in ("train_loss", "train_error", "val_loss", "val_error"):
+            if row.get(key):
+                epochs.setdefault(int(row["epoch"]), {})[key] = float(row[key])
+    assert sorted(epochs) == [0, 1] and all(len(v) == 4 for v in epochs.values())
+    assert epochs[1]["val_error"] == pytest.approx(metrics["val_error"], abs=1e-6)
+    step_rows = [int(r["step"]) for r in rows if r.get("train_loss_step")]
+    assert step_rows == [3, 6, 9, 12, 15]  # read every log_every_n_steps, never per step
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_identical_logits(tiny_run):
+    model, _, out = tiny_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["hyper_parameters"]["depth"] == 8
+    x = torch.randn(5, 3, 32, 32)
+    rebuilt = CifarClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    plain_torch, info = load_model(ckpt)  # the same file through the Lightning-free loader
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(rebuilt(x), expected)
+        assert torch.equal(plain_torch(x), expected)
+    assert info["kind"] == "project" and info["arch"] == "residual-8"
+
+
+def test_train_quick_is_deterministic_on_cpu(tiny_run):
+    model, metrics, _ = tiny_run
+    again, metrics_again = train_quick("residual", 8, data=tiny_data(), epochs=2, log_every_n_steps=3)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert metrics_again["val_loss"] == metrics["val_loss"]
+
+
+# ---- recipes -----------------------------------------------------------------------------------
+
+def _lrs(scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_paper_milestones_divide_lr_at_half_and_three_quarters():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = build_optimization([param], "paper", 64_000, depth=56)
+    assert isinstance(sched, PaperSchedule) and not sched.warming_up
+    assert sched.milestones == [32_000, 48_000]
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
+    opt, sched = build_optimization([param], "paper", 400, depth=56)
+    lrs = _lrs(sched, 400)
+    assert lrs[0] == lrs[199] == pytest.approx(0.1)
+    assert lrs[200] == lrs[299] == pytest.approx(0.01)
+    assert lrs[300] == lrs[399] == pytest.approx(0.001)
+
+
+def test_paper_warmup_returns_to_base_lr_once_train_error_is_below_80_percent():
+    param = torch.nn.Parameter(torch.zeros(1))
+    _, sched = build_optimization([param], "paper", 64_000, depth=110)
+    assert sched.warming_up
+    lrs = _lrs(sched, 50)
+    assert set(lrs) == {0.01}
+    assert sched.observe_train_error(0.85)  # still above 80 %: warm-up goes on
+    assert _lrs(sched, 10) == [0.01] * 10
+    assert not sched.observe_train_error(0.79)  # below: back to 0.1 for the very next step
+    assert sched.warmup_ended_at == 60
+    assert _lrs(sched, 10) == pytest.approx([0.1] * 10)
+    assert not sched.observe_train_error(0.99)  # it never returns to warm-up
+    assert sched.get_last_lr() == pytest.approx([0.1])
+
+
+def test_depth_below_110_has_no_warmup_unless_asked():
+    param = torch.nn.Parameter(torch.zeros(1))
+    assert not build_optimization([param], "paper", 100, depth=56)[1].warming_up
+    assert build_optimization([param], "paper", 100, depth=56, warmup=True)[1].warming_up
+    assert not build_optimization([param], "paper", 100, depth=1202, warmup=False)[1].warming_up
+
+
+def test_fast_recipe_is_one_cycle():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = build_optimization([param], "fast", 100, lr=0.4)
+    lrs = _lrs(sched, 100)
+    peak = max(range(100), key=lrs.__getitem__)
+    assert opt.defaults["nesterov"] and 20 <= peak <= 30 and lrs[peak] == pytest.approx(0.4)
+    assert lrs[0] == pytest.approx(0.04) and lrs[-1] < 0.04 / 50
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+
+def test_unknown_recipe_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid recipes: paper, fast"):
+        CifarClassifier(recipe="adam")
+
+
+class _RecordLR(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_warmup_in_training_is_checked_every_n_steps_then_returns_to_base_lr():
+    """A stubbed error signal: any error is 'below' a threshold of 1.01, so the first reading ends it."""
+    model = CifarClassifier(depth=8, recipe="paper", max_steps=16, warmup=True, warmup_until_error=1.01,
+                            log_every_n_steps=5)
+    record = _RecordLR()
+    with _quiet():
+        trainer = pl.Trainer(max_steps=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             callbacks=[record])
+        trainer.fit(model, datamodule=tiny_data(val_size=0))
+    # warm-up read at step 5 (never before), back to 0.1, then /10 at 50 % and 75 % of 16 steps
+    assert record.lrs == pytest.approx([0.01] * 5 + [0.1] * 3 + [0.01] * 4 + [0.001] * 4)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def test_cli_help_lists_subcommands(capsys):
+    from resnet_probe.cli import main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for sub in ("fit", "validate", "test", "report", "inspect"):
+        assert f"  {sub} " in out
+
+
+def test_cli_report_dispatches_to_rebuild_main(monkeypatch):
+    import types
+
+    from resnet_probe.cli import main
+    seen = []
+    fake = types.ModuleType("resnet_probe.report")
+    fake.rebuild_main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "resnet_probe.report", fake)
+    assert main(["report", "runs/x", "--no-html"]) == 0
+    assert seen == [["runs/x", "--no-html"]]
+
+
+def test_cli_unknown_subcommand_lists_valid_ones(capsys):
+    from resnet_probe.cli import main
+    assert main(["trian"]) == 2
+    assert "valid subcommands: fit, validate, test" in capsys.readouterr().err
+
+
+def test_run_dir_rules(tmp_path):
+    from resnet_probe.train.cli import resolve_run_dir
+    ckpt = tmp_path / "runs" / "train" / "r1" / "checkpoints" / "epoch=1-step=12.ckpt"
+    assert resolve_run_dir(None, "fit", str(ckpt), "residual20") == ckpt.parent.parent
+    assert resolve_run_dir(str(tmp_path / "mine"), "fit", "last", "residual20") == tmp_path / "mine"
+    with pytest.raises(ValueError, match="needs --run_dir"):
+        resolve_run_dir(None, "fit", "last", "residual20")
+    fresh = resolve_run_dir(None, "test", None, "residual20")
+    assert fresh.parent == Path("runs") / "train" and fresh.name.startswith("residual20-test-")
+
+
+def test_cli_inspect_describes_a_checkpoint(tiny_run, capsys):
+    from resnet_probe.cli import main
+    assert main(["inspect", str(tiny_run[2] / "checkpoints" / "last.ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "kind:       project" in out and "residual-8" in out and "stage3.block1" in out
+
+
+# ---- exact resume after SIGKILL ------------------------------------------------------------------
+
+PAUSE_CALLBACK = textwrap.dedent('''
+    import pathlib, time
+    from pytorch_lightning.callbacks import Callback
+
+    class PauseAt(Callback):
+        """Stops (sleeps) before step ``step`` so the test can SIGKILL a run that is mid-epoch."""
+        def __init__(self, step: int, signal_file: str):
+            self.step, self.signal_file = step, signal_file
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == self.step:
+                pathlib.Path(self.signal_file).write_text(str(batch_idx))
+                time.sleep(600)
+''')
+
+
+def _fit(tmp: Path, run: str, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "resnet_probe.cli", "fit", "--data.data", str(tmp / "tiny.npz"),
+            "--data.val_size", "64", "--data.batch_size", "32", "--data.eval_batch_size", "64",
+            "--model.depth", "8", "--model.recipe", "paper", "--model.max_steps", "24",
+            "--model.log_every_n_steps", "4", "--checkpoint_every_n_steps", "4",
+            "--trainer.deterministic", "true", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--seed_everything", "0",
+            "--run_dir", str(tmp / run), *extra]
+    env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+           "RESNET_PROBE_CACHE": str(tmp / "cache")}
+    env.pop("RESNET_PROBE_RUN_DIR", None)
+    log = open(tmp / f"{run}-{len(list(tmp.glob(run + '-*.log')))}.log", "w")
+    proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = Path(log.name)
+    log.close()
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()[-4000:]
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> None:
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, _output(proc)
+
+
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
+    # 256 training images / batch 32 = 8 steps an epoch; checkpoints every 4 steps; 24 steps in all
+    write_pack(tmp_path / "tiny.npz", make_synthetic(n_train=320, n_test=32, seed=1))
+    (tmp_path / "pause_cb.py").write_text(PAUSE_CALLBACK)
+    signal_file = tmp_path / "paused"
+    (tmp_path / "pause.yaml").write_text(
+        f"trainer:\n  callbacks:\n    - class_path: pause_cb.PauseAt\n"
+        f"      init_args: {{step: 12, signal_file: {signal_file}}}\n")
+
+    reference = _fit(tmp_path, "reference")
+    killed = _fit(tmp_path, "killed", "--config", str(tmp_path / "pause.yaml"))
+    deadline = time.monotonic() + 240
+    while not signal_file.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, _output(killed)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 12 and state["global_step"] % 8 != 0  # mid-epoch (epoch 1, batch 4)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == 4
+
+    _finish(reference)
+    _finish(_fit(tmp_path, "killed", "--ckpt_path", "last"))
+
+    want = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    got = torch.load(last, map_location="cpu", weights_only=True)
+    assert got["global_step"] == want["global_step"] == 24
+    assert want["state_dict"].keys() == got["state_dict"].keys()
+    for key, value in want["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), key
+    assert (tmp_path / "killed" / "config.yaml").is_file()
+    # the resumed run's metrics.csv keeps the rows logged before the kill and continues them exactly
+    rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
+    assert [r["step"] for r in rows if r.get("train_loss_step")] == [str(s) for s in range(4, 24, 4)]
+    assert rows == list(csv.DictReader(open(tmp_path / "reference" / "metrics.csv")))
+
+
+# ---- learning on real data -----------------------------------------------------------------------
+
+@pytest.mark.skipif(default_pack_path() is None, reason="the CIFAR-10 JPEG pack is not available")
+def test_residual_20_learns_cifar10_in_a_quick_run():
+    _, metrics = train_quick("residual", 20, data="pack", train_limit=4000, val_size=1000, epochs=3)
+    assert metrics["data"] == "cifar10-jpeg" and not metrics["synthetic"]
+    assert metrics["val_accuracy"] > 0.40, metrics
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fast_path_bf16_channels_last_compiled():
+    model, metrics = train_quick("residual", 20, data=tiny_data(), epochs=1, compile=True)
+    first_conv = model.model.stem.conv.weight
+    assert first_conv.is_contiguous(memory_format=torch.channels_last)
+    assert metrics["steps"] == 8 and metrics["val_loss"] == metrics["val_loss"]  # finite, not NaN
