@@ -1,0 +1,212 @@
+"""Layer response std (He et al. 2016, Fig. 7): residual functions are closer to zero than plain layers.
+
+Question: if residual nets learn functions that are small perturbations of the identity, the
+responses of their branch layers should be smaller than those of the same layers in a plain net.
+
+Measured, for every model given: the *response* of each layer of every block's branch -- its output
+after BN, before ReLU or the addition -- as the std over all (N, C, H, W) values of the evaluation
+images (``std``, the quantity of He et al. Fig. 7) and as the mean over channels of the per-channel
+std (``channel_std_mean``); per block the branch output ``F(x)`` (the last layer's response) and the
+ratio ``||F(x)|| / ||S(x)||``. Models run in eval mode (BN with its running statistics) on the
+CIFAR-10 test images (a seeded subset at quick scale) or, for torchvision ResNets, on an ImageNet-style
+folder (``--data imagefolder=PATH``, resize 256 / center crop 224 / ImageNet normalisation).
+
+Figure: response std per layer in the network's order and sorted by magnitude (He et al. Fig. 7).
+Headline: per model, the mean over layers of the response std (mean ± std over seeds).
+
+Result at quick scale (2 shared CPU cores, JPEG pack, 5,000 images, 3 epochs): see ``quickstart``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .options import resolve_device, scale_settings, study_parser
+
+QUICK: dict[str, Any] = dict(n_examples=1000,     # test images the responses are measured on
+                             batch_size=250)      # images per forward pass
+PAPER: dict[str, Any] = dict(n_examples=10_000, batch_size=500)
+METRICS = (("std", "response_std"), ("channel_std_mean", "response_channel_std_mean"))
+
+
+def layer_responses(model, images, batch_size: int = 250, device: str = "cpu") -> "pd.DataFrame":
+    """Response statistics of every branch layer, branch output and shortcut of ``model``.
+
+    Args:
+        model: any model ``resnet_probe.models.anatomy`` supports, in eval mode.
+        images: normalised float images ``(N, C, H, W)``.
+        batch_size: images per forward pass.
+        device: where the forward passes run.
+
+    Returns:
+        Tidy rows ``site, stage, block, kind, layer`` (1-based position of the layer in forward order, for
+        kind ``layer``), ``metric`` (``response_std``, ``response_channel_std_mean``, ``norm_ratio``),
+        ``value``, ``downsampling``, ``path``.
+    """
+    import pandas as pd
+    import torch
+
+    from ..probes import probe
+    model = model.to(device).eval()
+    with torch.no_grad(), probe(model, sites=["*.branch.*", "*.branch", "*.shortcut"]) as session:
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size].to(device))
+    df = session.table()
+    names = {m: new for m, new in METRICS}
+    df = df[df["metric"].isin(list(names) + ["norm_ratio"])].copy()
+    df["metric"] = df["metric"].map(lambda m: names.get(m, m))
+    layers = [s for s in dict.fromkeys(df.loc[df["kind"] == "layer", "site"])]
+    index = {s: i + 1 for i, s in enumerate(layers)}
+    df["layer"] = df["site"].map(index).astype("Int64")
+    return df.drop(columns=["step"]).reset_index(drop=True)
+
+
+def summary_rows(df: "pd.DataFrame") -> "pd.DataFrame":
+    """Per model and seed: mean over layers of ``response_std`` and mean over blocks of the branch std."""
+    import pandas as pd
+    rows = []
+    for (model, seed), g in df.groupby(["model", "seed"], sort=False):
+        base = {"run": g["run"].iloc[0], "seed": seed, "model": model, "site": "network"}
+        layer = g[(g["kind"] == "layer") & (g["metric"] == "response_std")]["value"]
+        branch = g[(g["kind"] == "branch") & (g["metric"] == "response_std")]["value"]
+        ratio = g[g["metric"] == "norm_ratio"]["value"]
+        rows += [{**base, "metric": "mean_layer_response_std", "value": float(layer.mean()), "n": len(layer)},
+                 {**base, "metric": "mean_branch_response_std", "value": float(branch.mean()), "n": len(branch)},
+                 {**base, "metric": "mean_norm_ratio", "value": float(ratio.mean()), "n": len(ratio)}]
+    return pd.DataFrame(rows)
+
+
+def _sources(args) -> list[tuple[str, int | None]]:
+    """``(checkpoint, seed)`` of every model: positional checkpoints, then every model of ``--zoo``."""
+    from .train_zoo import zoo_checkpoints
+    out: list[tuple[str, int | None]] = [(c, None) for c in args.checkpoints]
+    for zoo in args.zoo or []:
+        z = zoo_checkpoints(zoo)
+        out += [(c, int(s)) for c, s in zip(z["checkpoint"], z["seed"])]
+    if not out:
+        raise SystemExit("response_std: give CHECKPOINT... (project .ckpt, torchvision state_dict, torchvision:ARCH) "
+                         "or --zoo RUN_DIR (a train_zoo run)")
+    return out
+
+
+def _label(info: dict) -> str:
+    if info["kind"] == "project":
+        return info["arch"]
+    if info["kind"] == "torchvision-weights":
+        return f"{info['arch']} {info['hparams']['weights'].split('.')[-1]}"
+    if info["kind"] == "torchvision-random":
+        return f"{info['arch']} (random init)"
+    return f"{info['arch']} ({Path(info['path']).name})"
+
+
+def _images(args, settings: dict):
+    """Evaluation images (normalised) and the data provenance."""
+    from ..data import normalize, random_subset
+    from .imagenet import imagefolder_path, load_imagefolder
+    from .options import resolve_data
+    seed = args.seeds[0]
+    folder = imagefolder_path(args.data)
+    if folder is not None:
+        d = load_imagefolder(folder, limit=args.limit or settings["n_examples"], seed=seed)
+        return d.images, d.provenance()
+    source = resolve_data(args.data, n_train=1, n_test=settings["n_examples"])
+    idx = random_subset(len(source.test_labels), settings["n_examples"], seed, "response_std")
+    prov = {**source.provenance(), "n_evaluated": len(idx), "evaluated": "seeded subset of the test split"}
+    return normalize(source.test_images[idx]), prov
+
+
+def _add_model_options(p) -> None:
+    """Loading options, the same flags as ``checkpoints.add_load_arguments`` and ``imagenet.add_imagenet_arguments``
+    (declared here so that ``--help`` answers without importing torch)."""
+    p.add_argument("--arch", default=None, help="torchvision architecture of state_dict files, e.g. resnet50 "
+                                                "(default: inferred from the keys)")
+    p.add_argument("--allow-unsafe-load", dest="allow_unsafe_load", action="store_true",
+                   help="load files that need arbitrary unpickling; this can execute code from the file, so "
+                        "only use it for files from a source you trust")
+    p.add_argument("--weights", default=None, metavar="NAME",
+                   help="torchvision weights for torchvision:ARCH models (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), "
+                        "read from torch.hub.get_dir()/checkpoints/; default: random weights")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="with --data imagefolder=PATH: evaluate a seeded random subset of N images")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download missing torchvision weights")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Measure per-layer response std of every model given; returns the run folder."""
+    p = study_parser("response_std", "He et al. Fig. 7: std of each branch layer's response (after BN, before "
+                                     "ReLU / addition), in network order and sorted, for every model given.")
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                   help="project .ckpt, torchvision ResNet state_dict file, or torchvision:ARCH")
+    p.add_argument("--zoo", metavar="RUN_DIR", action="append", default=None,
+                   help="a train_zoo run folder: measure every model in it (repeatable)")
+    p.add_argument("--n-examples", dest="n_examples", type=int, default=None, help="evaluation images")
+    _add_model_options(p)
+    args = p.parse_args(argv)
+    settings = scale_settings(args, QUICK, PAPER)
+    sources = _sources(args)
+    device = resolve_device(args.device).type
+
+    import pandas as pd
+    import torch
+    from ..report import new_run
+    from .imagenet import load_study_model
+    images, data = _images(args, settings)
+    config = {**settings, "scale": args.scale, "models": [s for s, _ in sources], "weights": args.weights,
+              "device": device}
+    with new_run("response_std", out=args.out, config=config, data=data, source_file=__file__, argv=argv,
+                 title="Layer responses (He et al. 2016, Fig. 7)") as run:
+        parts = []
+        for src, zoo_seed in sources:
+            seed = args.seeds[0] if zoo_seed is None else zoo_seed
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model, info = load_study_model(src, weights=args.weights, arch=args.arch,
+                                               allow_unsafe=args.allow_unsafe_load, download=args.download)
+            seed = int(info["hparams"].get("seed", seed))
+            print(f"response_std: {_label(info)} seed {seed}", flush=True)
+            df = layer_responses(model, images, settings["batch_size"], device)
+            for col, v in reversed(list({"run": run.path.name, "seed": seed, "model": _label(info)}.items())):
+                df.insert(0, col, v)
+            df["family"] = info["hparams"].get("family", info["arch"])
+            df["depth"] = info["hparams"].get("depth", -1)
+            parts.append(df)
+            run.add_table("responses", pd.concat(parts, ignore_index=True))
+        responses = run.table("responses")
+        _report(run, responses, summary_rows(responses), len(images))
+    return run.path
+
+
+def _report(run, responses, summary, n_images: int) -> None:
+    import pandas as pd
+    from ..report import format_mean_std
+    run.add_table("summary", summary)
+    rows = []
+    for model, g in summary.groupby("model", sort=False):
+        row = {"model": model}
+        for metric, label in (("mean_layer_response_std", "mean layer response std"),
+                              ("mean_branch_response_std", "mean branch F(x) std"),
+                              ("mean_norm_ratio", "mean ||F(x)|| / ||S(x)||")):
+            row[label] = format_mean_std(g.loc[g["metric"] == metric, "value"], digits=3)
+        rows.append(row)
+    run.add_headline(pd.DataFrame(rows), title="Response std per model: mean over layers / blocks "
+                                               "(mean ± std over seeds)")
+    models = list(dict.fromkeys(responses["model"]))
+    run.add_figure("layer_std", "layer_profile", "responses", section="Layer responses", x="layer",
+                   hue="model", hue_order=models, flag="downsampling", flag_label="downsampling block",
+                   query="kind == 'layer' and metric == 'response_std'", errorbar="sd",
+                   xlabel="layer", ylabel="response std",
+                   title="Std of each layer's response after BN, before ReLU / addition (He et al. Fig. 7)",
+                   caption=f"Std over all (N, C, H, W) values of {n_images:,} evaluation images. Left: layers in "
+                           "forward order; right: the same values sorted by magnitude. Rings: layers of "
+                           "downsampling blocks.")
+    run.add_figure("layer_channel_std", "layer_profile", "responses", section="Layer responses", x="layer",
+                   hue="model", hue_order=models, flag="downsampling", flag_label="downsampling block",
+                   query="kind == 'layer' and metric == 'response_channel_std_mean'", errorbar="sd",
+                   xlabel="layer", ylabel="mean per-channel std",
+                   title="Mean over channels of the per-channel response std")
+    run.add_text("Reading", "He et al. (2016) report that residual nets have generally smaller layer responses "
+                            "than their plain counterparts, and that deeper residual nets have smaller responses "
+                            "still: the residual functions stay close to zero, so each block modifies its input "
+                            "less. The ratio ||F(x)|| / ||S(x)|| measures that directly per block (plain blocks "
+                            "have no shortcut in their forward pass; S(x) is the mapping a lesion would use).")

@@ -1,0 +1,249 @@
+"""Train plain / highway / residual CIFAR nets over depths and seeds: the checkpoints the other studies read.
+
+Question: the input of every other study -- the same networks, trained the same way, kept together.
+Each model is trained through the project's LightningModule and written to
+``<run>/models/<family>-<depth>-seed<s>/`` (``last.ckpt``, Lightning's ``metrics.csv``, and
+``probe_gradients.csv``: per-block parameter-gradient norms recorded by ``ProbeCallback`` every few
+steps). The run's tables are ``curves`` (training / validation error and loss against the iteration),
+``final`` (per model and seed: final train / validation / test error and loss, steps, seconds, and the
+``checkpoint`` path relative to the run folder) and ``gradients`` (the gradient records of all models).
+
+Scales: ``quick`` trains depths 8 and 20 on 5,000 training images for 3 epochs with the one-cycle
+``fast`` recipe (CPU, minutes); ``paper`` is He et al. 2016's recipe (45k/5k split, crop + flip,
+SGD 0.1 /10 at 32k and 48k, 64k iterations) for depths 20, 32, 44, 56 and 110, for a GPU.
+
+Result at quick scale (2 shared CPU cores, JPEG pack, seed 0): see ``quickstart``, which runs this study.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .options import resolve_data, resolve_device, scale_settings, study_parser
+
+FAMILIES = ("plain", "highway", "residual")
+QUICK: dict[str, Any] = dict(
+    families=FAMILIES, depths=(8, 20),
+    recipe="fast", lr=0.2,               # one-cycle peak learning rate
+    epochs=3, max_steps=None,            # training length: epochs (quick) / optimizer steps (paper)
+    train_limit=5000, val_size=1000,     # images: training subset, held-out validation images
+    test_limit=2000,                     # test images for the final test error
+    batch_size=128, augment=False,
+    log_every_n_steps=10,                # optimizer steps between training-curve points
+    val_every_n_steps=20,                # optimizer steps between validation-curve points
+    grad_every_n_steps=5)                # optimizer steps between gradient-norm records
+PAPER: dict[str, Any] = dict(
+    families=FAMILIES, depths=(20, 32, 44, 56, 110),
+    recipe="paper", lr=0.1,
+    epochs=None, max_steps=64_000,       # 64k iterations, lr /10 at 32k and 48k (He et al. 2016, 4.2)
+    train_limit=None, val_size=5000,     # the 45k / 5k split
+    test_limit=None,
+    batch_size=128, augment=True,
+    log_every_n_steps=100,
+    val_every_n_steps=2000,
+    grad_every_n_steps=500)
+
+
+def model_name(family: str, depth: int) -> str:
+    """``plain-20``: how models are named in every table."""
+    return f"{family}-{depth}"
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the studies that train (``None`` = the scale's setting)."""
+    p.add_argument("--families", nargs="+", choices=FAMILIES + ("preact",), default=None)
+    p.add_argument("--depths", nargs="+", type=int, default=None, help="depths 6n+2, e.g. 8 20 56")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--train-limit", dest="train_limit", type=int, default=None, help="training images")
+    p.add_argument("--test-limit", dest="test_limit", type=int, default=None, help="test images")
+    p.add_argument("--lr", type=float, default=None, help="initial (paper) or peak (fast) learning rate")
+
+
+def _curves(metrics_csv: Path, keys: dict) -> "pd.DataFrame":
+    """Lightning's metrics.csv as a tidy table: error in percent and loss, train (windowed) and val."""
+    import pandas as pd
+    raw = pd.read_csv(metrics_csv)
+    rows = []
+    for column, split, metric, scale in (("train_error_step", "train", "error_percent", 100.0),
+                                         ("train_loss_step", "train", "loss", 1.0),
+                                         ("val_error", "val", "error_percent", 100.0),
+                                         ("val_loss", "val", "loss", 1.0)):
+        if column not in raw:
+            continue
+        part = raw[["step", column]].dropna().groupby("step", as_index=False).last()
+        for step, v in zip(part["step"], part[column]):
+            rows.append({**keys, "site": "network", "split": split, "metric": metric,
+                         "value": float(v) * scale, "step": int(step)})
+    return pd.DataFrame(rows)
+
+
+def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_dir: Path, device: str = "cpu",
+              run_name: str = "") -> dict[str, Any]:
+    """Train one network, record its curves and gradient norms, evaluate it, save ``last.ckpt``.
+
+    Args:
+        family: ``plain``, ``highway``, ``residual`` (or ``preact``).
+        depth: 6n+2.
+        seed: seeds the weights, the validation split and the batch order.
+        source: the ``DataSource`` to train on.
+        settings: a scale's settings (see ``QUICK`` / ``PAPER``).
+        out_dir: the model's folder (created).
+        device: ``cpu`` or ``cuda``.
+        run_name: the ``run`` column of the tables.
+
+    Returns:
+        ``{"final": {metric: value}, "curves": DataFrame, "gradients": DataFrame, "checkpoint": Path}``.
+    """
+    import pandas as pd
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ..atomic import atomic_path
+    from ..data import CifarDataModule
+    from ..probes.callback import GRADIENTS_CSV, ProbeCallback
+    from ..train import CifarClassifier
+    from ..train.quick import _quiet
+
+    s = settings
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dm = CifarDataModule.from_source(source, batch_size=s["batch_size"], val_size=s["val_size"], split_seed=seed,
+                                     train_limit=s["train_limit"], test_limit=s["test_limit"],
+                                     augment=s["augment"], seed=seed)
+    module = CifarClassifier(family, depth, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
+                             max_steps=s["max_steps"], seed=seed, log_every_n_steps=s["log_every_n_steps"])
+    name = model_name(family, depth)
+    steps = module.trainer_limits["max_steps"]
+    if steps < 0:
+        steps = module.trainer_limits["max_epochs"] * dm.steps_per_epoch
+    grads = ProbeCallback(sites="*", every_n_epochs=0, every_n_steps=s["grad_every_n_steps"], out_dir=out_dir,
+                          run=run_name, model_name=name)
+    cuda = device == "cuda"
+    with _quiet():
+        trainer = pl.Trainer(
+            accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+            **module.trainer_limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, log_every_n_steps=s["log_every_n_steps"],
+            val_check_interval=min(s["val_every_n_steps"], steps), check_val_every_n_epoch=None)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        seconds = time.perf_counter() - start
+        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
+        val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    ckpt = out_dir / "last.ckpt"
+    with atomic_path(ckpt) as tmp:
+        trainer.save_checkpoint(tmp, weights_only=False)
+    final = {"train_error_percent": 100 * train_metrics.get("train_error", float("nan")),
+             "train_loss": train_metrics.get("train_loss", float("nan")),
+             "val_error_percent": 100 * val["val_error"], "val_loss": val["val_loss"],
+             "test_error_percent": 100 * test["test_error"], "test_loss": test["test_loss"],
+             "steps": float(trainer.global_step), "train_seconds": seconds}
+    keys = {"run": run_name, "seed": seed, "model": name, "family": family, "depth": depth}
+    curves = _curves(out_dir / "metrics.csv", keys)
+    grad_csv = out_dir / GRADIENTS_CSV
+    gradients = pd.read_csv(grad_csv).assign(family=family, depth=depth) if grad_csv.is_file() else pd.DataFrame()
+    return {"final": final, "curves": curves, "gradients": gradients, "checkpoint": ckpt}
+
+
+def train_models(run, source, settings: dict, seeds, device: str = "cpu") -> dict[str, "pd.DataFrame"]:
+    """Train every (family, depth, seed) of ``settings`` into ``run``'s folder and add its tables.
+
+    Adds the tables ``curves``, ``final`` and ``gradients`` to ``run`` after each model (so an interrupted
+    run keeps the finished models) and returns them.
+    """
+    import pandas as pd
+    curves, finals, grads = [], [], []
+    for family in settings["families"]:
+        for depth in settings["depths"]:
+            for seed in seeds:
+                name = model_name(family, depth)
+                print(f"train_zoo: training {name} seed {seed}", flush=True)
+                out = run.path / "models" / f"{name}-seed{seed}"
+                r = fit_model(family, depth, seed, source, settings, out, device, run.path.name)
+                curves.append(r["curves"])
+                grads.append(r["gradients"])
+                rel = r["checkpoint"].relative_to(run.path).as_posix()
+                finals += [{"run": run.path.name, "seed": seed, "model": name, "family": family, "depth": depth,
+                            "metric": k, "value": float(v), "checkpoint": rel} for k, v in r["final"].items()]
+                run.add_table("curves", pd.concat(curves, ignore_index=True))
+                run.add_table("final", pd.DataFrame(finals))
+                if any(len(g) for g in grads):
+                    run.add_table("gradients", pd.concat([g for g in grads if len(g)], ignore_index=True))
+    return {"curves": run.table("curves"), "final": run.table("final"),
+            "gradients": run.table("gradients") if "gradients" in run.tables else pd.DataFrame()}
+
+
+def zoo_checkpoints(run_dir: str | Path) -> "pd.DataFrame":
+    """The models of a ``train_zoo`` run: one row per model and seed with its absolute ``checkpoint`` path.
+
+    Columns: ``model, family, depth, seed, checkpoint`` (sorted by family, depth, seed).
+
+    Raises:
+        ValueError: the folder is not a ``train_zoo`` run with trained models.
+    """
+    from ..report import open_run
+    run = open_run(run_dir)
+    if "final" not in run.tables or "checkpoint" not in run.table("final").columns:
+        raise ValueError(f"{run_dir} is not a train_zoo run (no 'final' table with checkpoints); "
+                         "make one with `python studies/train_zoo.py`")
+    df = run.table("final")[["model", "family", "depth", "seed", "checkpoint"]].drop_duplicates()
+    df["checkpoint"] = [str(run.path / c) for c in df["checkpoint"]]
+    return df.sort_values(["family", "depth", "seed"]).reset_index(drop=True)
+
+
+def data_sizes(settings: dict) -> tuple[int | None, int | None]:
+    """Training and test images a scale uses (``None`` = all), to size a synthetic set."""
+    n_train = None if settings.get("train_limit") is None else settings["train_limit"] + settings["val_size"]
+    return n_train, settings.get("test_limit")
+
+
+def describe(settings: dict, seeds) -> str:
+    """One Markdown paragraph stating the training setup."""
+    length = (f"{settings['max_steps']:,} iterations" if settings["max_steps"] else f"{settings['epochs']} epochs")
+    images = "all training images" if settings["train_limit"] is None else f"{settings['train_limit']:,} training images"
+    tests = "all" if settings["test_limit"] is None else f"{settings['test_limit']:,}"
+    return (f"Families {', '.join(settings['families'])}; depths {', '.join(map(str, settings['depths']))}; "
+            f"seeds {', '.join(map(str, seeds))}. Recipe `{settings['recipe']}` (lr {settings['lr']}), {length}, "
+            f"batch {settings['batch_size']}, {images} ({settings['val_size']:,} held out for validation), "
+            f"augmentation {'pad-4 crop + flip' if settings['augment'] else 'off'}; test error on "
+            f"{tests} test images.")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train the zoo and write its run folder; returns the folder."""
+    p = study_parser("train_zoo", "Train plain / highway / residual CIFAR nets over depths and seeds; "
+                                  "writes checkpoints and training curves for the other studies.")
+    add_training_options(p)
+    args = p.parse_args(argv)
+    settings = scale_settings(args, QUICK, PAPER)
+    device = resolve_device(args.device).type
+    from ..report import new_run
+    source = resolve_data(args.data, *data_sizes(settings))
+    config = {**settings, "scale": args.scale, "seeds": list(args.seeds), "device": device}
+    with new_run("train_zoo", out=args.out, config=config, data=source.provenance(), source_file=__file__,
+                 argv=argv, title="Model zoo: plain / highway / residual") as run:
+        run.add_text("Setup", describe(settings, args.seeds))
+        tables = train_models(run, source, settings, args.seeds, device)
+        _report(run, tables["final"])
+    return run.path
+
+
+def _report(run, final) -> None:
+    from ..report import format_mean_std
+    import pandas as pd
+    rows = []
+    for (model, family, depth), g in final.groupby(["model", "family", "depth"], sort=False):
+        row = {"model": model}
+        for metric, label in (("train_error_percent", "train error"), ("val_error_percent", "val error"),
+                              ("test_error_percent", "test error")):
+            row[label] = format_mean_std(g.loc[g["metric"] == metric, "value"], unit="%")
+        rows.append(row)
+    run.add_headline(pd.DataFrame(rows), title="Final error per model (mean ± std over seeds)")
+    run.add_figure("curves", "line", "curves", x="step", hue="model", style="split",
+                   dashes={"train": [4, 2], "val": ""}, query="metric == 'error_percent'",
+                   xlabel="iteration", ylabel="error (%)", legend_title="model",
+                   title="Training (dashed) and validation (solid) error")
