@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -183,6 +184,24 @@ def test_highway_gate_statistics_equal_the_gates_own_outputs(highway_run):
     with torch.no_grad(), lesion(model, blocks=["stage2.block1"], mode="shortcut_only"):
         wrong = (model(data.images).argmax(-1) != data.labels).double().mean().item()
     assert err["stage2.block1"] == pytest.approx(100 * wrong)     # a closed gate is a deleted block
+
+
+def test_train_zoo_folders_give_the_models_of_the_families_a_study_reads(lesion_run, highway_run, tmp_path):
+    from resnet_probe.report import new_run
+    from resnet_probe.studies.analysis_inputs import expand_checkpoints
+    rows = []
+    for run_dir, family, depth, seed in ((lesion_run[0], "residual", 14, 3), (highway_run[0], "highway", 8, 5)):
+        run = open_run(run_dir)
+        ckpt = run.path / run.table("models")["checkpoint"].iloc[0]
+        rows.append({"model": f"{family}-{depth}", "family": family, "depth": depth, "seed": seed,
+                     "metric": "test_error_percent", "value": 50.0, "checkpoint": str(ckpt)})
+    with new_run("train_zoo", out=tmp_path) as zoo:
+        zoo.add_table("final", pd.DataFrame(rows))
+    picked = expand_checkpoints([str(zoo.path)], ("residual", "preact"))
+    assert len(picked) == 1 and picked[0][1] == 3 and picked[0][0].endswith("last.ckpt")
+    assert {seed for _, seed in expand_checkpoints([str(zoo.path)], ("plain", "highway", "residual"))} == {3, 5}
+    with pytest.raises(ValueError, match="no model of a family"):
+        expand_checkpoints([str(zoo.path)], ("plain",))
 
 
 # ---- ImageNet inputs -------------------------------------------------------------------------------

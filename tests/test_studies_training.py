@@ -46,8 +46,17 @@ def assert_complete_report(run: Path, figures: list[str], synthetic: bool = True
     return html
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets on a shared 2-core machine: one torch thread avoids OpenMP stalls (see ``set_threads``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
+def zoo(tmp_path_factory, one_thread) -> Path:
     out = tmp_path_factory.mktemp("runs")
     return train_zoo.main(TINY_ZOO + ["--out", str(out)])
 

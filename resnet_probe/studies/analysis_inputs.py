@@ -105,7 +105,7 @@ def _label(info: dict, source: str) -> str:
     return f"{info['arch']} ({Path(source).name})"
 
 
-def _expand(sources: list[str], families: tuple[str, ...]) -> list[tuple[str, int | None]]:
+def expand_checkpoints(sources: list[str], families: tuple[str, ...]) -> list[tuple[str, int | None]]:
     """Checkpoint arguments -> ``(source, seed)``; run folders become their models of ``families``."""
     out = []
     for src in sources:
@@ -167,7 +167,7 @@ def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torc
         return sm
 
     if args.checkpoints:
-        for src, zoo_seed in _expand(list(args.checkpoints), families):
+        for src, zoo_seed in expand_checkpoints(list(args.checkpoints), families):
             seed = zoo_seed if zoo_seed is not None else args.seeds[0]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # torchvision:ARCH random weights are reproducible

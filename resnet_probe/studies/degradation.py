@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import train_zoo
-from .options import resolve_data, resolve_device, scale_settings, study_parser
+from .options import resolve_data, resolve_device, scale_settings, set_threads, study_parser
 
 QUICK, PAPER = train_zoo.QUICK, train_zoo.PAPER  # the nets trained without --zoo: those of train_zoo
 ERRORS = (("train", "train_error_percent"), ("val", "val_error_percent"), ("test", "test_error_percent"))
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
                    help="a train_zoo run folder to read (default: train the nets here)")
     train_zoo.add_training_options(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     settings = scale_settings(args, QUICK, PAPER)
     from ..report import new_run, open_run
 

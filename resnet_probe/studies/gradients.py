@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import train_zoo
-from .options import resolve_data, resolve_device, scale_settings, study_parser
+from .options import resolve_data, resolve_device, scale_settings, set_threads, study_parser
 
 QUICK: dict[str, Any] = {**train_zoo.QUICK, "depths": (20,), "epochs": 1, "grad_every_n_steps": 2}
 PAPER: dict[str, Any] = {**train_zoo.PAPER, "depths": (20, 56, 110)}
@@ -59,6 +59,14 @@ def first_last(per_block: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+def _family_rank(column: "pd.Series") -> "pd.Series":
+    """Sort key: plain, highway, residual, then other families; other columns unchanged."""
+    if column.name != "family":
+        return column
+    rank = {f: i for i, f in enumerate(train_zoo.FAMILIES)}
+    return column.map(lambda f: rank.get(f, len(rank)))
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Run the gradient-norm study; returns its run folder."""
     p = study_parser("gradients", "Per-block gradient norms during training, plain vs highway vs residual, "
@@ -67,6 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
                    help="a train_zoo run folder whose gradient records to read (default: train here)")
     train_zoo.add_training_options(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     settings = scale_settings(args, QUICK, PAPER)
     from ..report import new_run, open_run
 
@@ -114,14 +123,18 @@ def _report(run, grads) -> None:
                      "first / last, block output ||dL/dx||": cell("activation_grad_norm_first_over_last")})
     run.add_headline(pd.DataFrame(rows), title="Parameter-gradient norm of the first and last block, mean over "
                                                "training steps (mean ± std over seeds)")
-    models = list(dict.fromkeys(grads["model"]))
-    for metric, label in (("param_grad_norm", "||dL/dθ|| of the block's parameters"),
-                          ("activation_grad_norm", "||dL/dx|| at the block output")):
+    models = list(dict.fromkeys(grads.sort_values(["family", "depth"], key=_family_rank)["model"]))
+    families = list(dict.fromkeys(grads.sort_values("family", key=_family_rank)["family"]))
+    for metric, label, what in (("param_grad_norm", "||dL/dθ||", "Parameter-gradient norm"),
+                                ("activation_grad_norm", "||dL/dx||", "Block-output gradient norm")):
         run.add_figure(f"{metric}_by_block", "line", "by_block", section="Gradient norm by block", x="block_index",
-                       hue="model", hue_order=models, query=f"metric == '{metric}'", flag="downsampling",
-                       flag_label="downsampling block", markers=True, logy=True, errorbar="sd",
-                       xlabel="block (1 = nearest the input)", ylabel=label,
-                       title=f"{label}, mean over training steps")
+                       hue="family", hue_order=families, style="depth", query=f"metric == '{metric}'",
+                       flag="downsampling", flag_label="downsampling block", markers=True, logy=True,
+                       errorbar="sd", xlabel="block (1 = nearest the input)", ylabel=label,
+                       title=f"{what} per block, mean over training steps",
+                       caption=f"{label}: L2 norm of the gradient of the training loss with respect to "
+                               + ("the block's parameters" if metric == "param_grad_norm" else "the block's output")
+                               + ", averaged over the recorded steps; rings: downsampling blocks.")
     run.add_figure("param_grad_norm_over_training", "line", "gradients", section="Gradient norm during training",
                    x="step", hue="block_index", col="model", col_order=models, palette="viridis",
                    query="metric == 'param_grad_norm'", logy=True, legend_title="block", errorbar=None,

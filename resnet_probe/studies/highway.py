@@ -15,7 +15,11 @@ intervals are Student-t 95 % over batches of ``stat_batch`` images. The gate-clo
 
 Models: highway CIFAR nets (``CHECKPOINT...``, ``train_zoo`` folders, or nets trained here).
 
-Result at quick scale: not recorded yet. Hardware: -.
+Result at quick scale (highway-20 trained here: CIFAR-10 JPEG pack, 5,000 images, 3 epochs, gate
+bias initialised at -2, seed 0; 1,000 test images; 2 shared AMD EPYC CPU cores): intact error
+63.8 %; the gates stay mostly carrying (mean T 0.13-0.20 per layer, 0.17 over layers; 16-48 % of
+gate values saturated, mostly near 0) and their biases barely move (-1.87 to -1.89). Closing one
+layer's gate costs a median 2.6 pp, at most 7.0 pp (stage3.block1, a downsampling block).
 """
 from __future__ import annotations
 

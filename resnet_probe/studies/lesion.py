@@ -15,7 +15,15 @@ torchvision ResNet state_dict files, or ``torchvision:ARCH`` (random weights, or
 from the torch hub cache; evaluate those on ``--data imagefolder=PATH``). Without a checkpoint the
 study trains its own nets (residual and plain; the scale's depth and length).
 
-Result at quick scale: not recorded yet. Hardware: -.
+Result at quick scale (CIFAR-10 JPEG pack; residual-20 and plain-20 trained here on 5,000 images
+for 3 epochs, seed 0; 1,000 test images; measured on 2 shared AMD EPYC CPU cores): intact error
+53.4 % [50.6, 57.2] (residual) and 63.4 % [60.3, 66.2] (plain). Deleting one non-downsampling block
+raises the residual net's error by a median 6.2 pp (largest: 31 pp, its first block), the plain
+net's by 26.7 pp, close to chance; the residual net's downsampling blocks cost up to 12.3 pp. Block
+attributions rank the residual net's blocks like their deletion effects (Spearman 0.63 for
+gradient x activation, 0.53 for integrated gradients) and the plain net's not at all (-0.05).
+Three epochs leave the residual net far from converged; Veit et al.'s near-zero effects need the
+paper's training (``--scale paper``, for a GPU).
 """
 from __future__ import annotations
 
@@ -28,14 +36,15 @@ from ..models import LESION_MODES
 from .analysis_inputs import add_model_arguments, check_labels, evaluation_data, study_models
 from .options import resolve_device, scale_settings, study_parser
 
+FAMILIES = ("plain", "highway", "residual", "preact")   # taken from train_zoo folders (highway: gate closed)
 QUICK: dict[str, Any] = dict(
     n_examples=1000,            # test images evaluated (a seeded subset)
     batch_size=250,             # examples per forward chunk
     mode="zero_branch",         # lesion: ReLU(S(x)) (zero_branch) or S(x) (shortcut_only)
     k_max=8,                    # largest number of randomly deleted blocks
-    n_sets=20,                  # random deletion sets per k
+    n_sets=10,                  # random deletion sets per k
     k_swaps=(1, 2, 4, 8),       # numbers of random within-stage swaps
-    reorder_sets=10,            # random orders per number of swaps
+    reorder_sets=5,             # random orders per number of swaps
     n_resamples=200,            # bootstrap resamples per interval
     attribution_examples=64,    # images attributed with captum
     attribution_methods=("gradient_x_activation", "integrated_gradients"),   # () skips attribution
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     with new_run("lesion", out=args.out, config=config, data=data.provenance, source_file=__file__, argv=argv,
                  title="Lesion study: deleting and reordering blocks (Veit et al. 2016)") as run:
         tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("single_block", "k_random", "reorder", "attribution")}
-        for sm in study_models(args, s, data, device, run):
+        for sm in study_models(args, s, data, device, run, families=FAMILIES):
             keys = {"run": run.path.name, "seed": sm.seed, "model": sm.name}
             check_labels(sm, data)
             x, y = data.images, data.labels

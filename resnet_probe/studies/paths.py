@@ -18,7 +18,13 @@ autograd gradient, which the study checks). The exact per-path magnitude is the 
 Models: residual / pre-activation CIFAR nets and torchvision ResNets (``CHECKPOINT...``, ``train_zoo``
 folders, or nets trained here).
 
-Result at quick scale: not recorded yet. Hardware: -.
+Result at quick scale (the residual-20 of the lesion study's quick run: CIFAR-10 JPEG pack, 5,000
+images, 3 epochs, seed 0; 64 test images, 20 sampled paths per length; 2 shared AMD EPYC CPU cores):
+the gradient of one path falls with its length (exact: 0.017 at length 0, 0.0006 at 5-7), so the
+total magnitude peaks at length 4 against a mean path length of 4.5 and the effective paths (90 %
+of the total) are lengths 1-6 of 9, by either estimator. The exact stack sums to the autograd
+gradient to a relative 3e-7. Nine blocks leave little room for the shift Veit et al. saw in 54
+(5-17 of 54): that needs ``--scale paper``.
 """
 from __future__ import annotations
 

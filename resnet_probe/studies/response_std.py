@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .options import resolve_device, scale_settings, study_parser
+from .options import resolve_device, scale_settings, set_threads, study_parser
 
 QUICK: dict[str, Any] = dict(n_examples=1000,     # test images the responses are measured on
                              batch_size=250)      # images per forward pass
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--n-examples", dest="n_examples", type=int, default=None, help="evaluation images")
     _add_model_options(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     settings = scale_settings(args, QUICK, PAPER)
     sources = _sources(args)
     device = resolve_device(args.device).type
@@ -192,8 +193,11 @@ def _report(run, responses, summary, n_images: int) -> None:
     run.add_headline(pd.DataFrame(rows), title="Response std per model: mean over layers / blocks "
                                                "(mean ± std over seeds)")
     models = list(dict.fromkeys(responses["model"]))
+    per_family = responses.groupby("family")["model"].nunique()
+    # two depths per family: a light and a dark shade of one colour per family
+    palette = "Paired" if (per_family == 2).all() and len(models) <= 12 else None
     run.add_figure("layer_std", "layer_profile", "responses", section="Layer responses", x="layer",
-                   hue="model", hue_order=models, flag="downsampling", flag_label="downsampling block",
+                   hue="model", hue_order=models, palette=palette, flag="downsampling", flag_label="downsampling block",
                    query="kind == 'layer' and metric == 'response_std'", errorbar="sd",
                    xlabel="layer", ylabel="response std",
                    title="Std of each layer's response after BN, before ReLU / addition (He et al. Fig. 7)",
@@ -201,7 +205,7 @@ def _report(run, responses, summary, n_images: int) -> None:
                            "forward order; right: the same values sorted by magnitude. Rings: layers of "
                            "downsampling blocks.")
     run.add_figure("layer_channel_std", "layer_profile", "responses", section="Layer responses", x="layer",
-                   hue="model", hue_order=models, flag="downsampling", flag_label="downsampling block",
+                   hue="model", hue_order=models, palette=palette, flag="downsampling", flag_label="downsampling block",
                    query="kind == 'layer' and metric == 'response_channel_std_mean'", errorbar="sd",
                    xlabel="layer", ylabel="mean per-channel std",
                    title="Mean over channels of the per-channel response std")

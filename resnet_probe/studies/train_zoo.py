@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .options import resolve_data, resolve_device, scale_settings, study_parser
+from .options import resolve_data, resolve_device, scale_settings, set_threads, study_parser
 
 FAMILIES = ("plain", "highway", "residual")
 QUICK: dict[str, Any] = dict(
@@ -29,10 +29,10 @@ QUICK: dict[str, Any] = dict(
     recipe="fast", lr=0.2,               # one-cycle peak learning rate
     epochs=3, max_steps=None,            # training length: epochs (quick) / optimizer steps (paper)
     train_limit=5000, val_size=1000,     # images: training subset, held-out validation images
-    test_limit=2000,                     # test images for the final test error
+    test_limit=1000,                     # test images for the final test error
     batch_size=128, augment=False,
     log_every_n_steps=10,                # optimizer steps between training-curve points
-    val_every_n_steps=20,                # optimizer steps between validation-curve points
+    val_every_n_steps=40,                # optimizer steps between validation-curve points (= 1 epoch)
     grad_every_n_steps=5)                # optimizer steps between gradient-norm records
 PAPER: dict[str, Any] = dict(
     families=FAMILIES, depths=(20, 32, 44, 56, 110),
@@ -62,22 +62,41 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial (paper) or peak (fast) learning rate")
 
 
-def _curves(metrics_csv: Path, keys: dict) -> "pd.DataFrame":
-    """Lightning's metrics.csv as a tidy table: error in percent and loss, train (windowed) and val."""
+def _curves(metrics_csv: Path, validations: list[tuple[int, float, float]], keys: dict) -> "pd.DataFrame":
+    """Tidy training curves: error in percent and loss against the optimizer step.
+
+    Training points are Lightning's ``train_*_step`` records (the mean over the batches since the previous
+    record, in training mode); validation points are ``(step, error, loss)`` after ``step`` optimizer steps.
+    """
     import pandas as pd
     raw = pd.read_csv(metrics_csv)
     rows = []
-    for column, split, metric, scale in (("train_error_step", "train", "error_percent", 100.0),
-                                         ("train_loss_step", "train", "loss", 1.0),
-                                         ("val_error", "val", "error_percent", 100.0),
-                                         ("val_loss", "val", "loss", 1.0)):
-        if column not in raw:
-            continue
-        part = raw[["step", column]].dropna().groupby("step", as_index=False).last()
-        for step, v in zip(part["step"], part[column]):
-            rows.append({**keys, "site": "network", "split": split, "metric": metric,
-                         "value": float(v) * scale, "step": int(step)})
-    return pd.DataFrame(rows)
+    for column, metric, scale in (("train_error_step", "error_percent", 100.0), ("train_loss_step", "loss", 1.0)):
+        if column in raw:
+            part = raw[["step", column]].dropna().groupby("step", as_index=False).last()
+            rows += [{**keys, "site": "network", "split": "train", "metric": metric, "value": float(v) * scale,
+                      "step": int(step)} for step, v in zip(part["step"], part[column])]
+    for step, error, loss in {step: (step, e, l) for step, e, l in validations}.values():
+        rows += [{**keys, "site": "network", "split": "val", "metric": "error_percent", "value": 100.0 * error,
+                  "step": step},
+                 {**keys, "site": "network", "split": "val", "metric": "loss", "value": loss, "step": step}]
+    return pd.DataFrame(rows).sort_values(["split", "metric", "step"], kind="stable", ignore_index=True)
+
+
+def _validation_recorder():
+    """A callback keeping ``(optimizer steps done, val_error, val_loss)`` after every validation."""
+    import pytorch_lightning as pl
+
+    class ValidationCurve(pl.Callback):
+        def __init__(self):
+            self.points: list[tuple[int, float, float]] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            m = trainer.callback_metrics
+            if "val_error" in m and not trainer.sanity_checking:
+                self.points.append((int(trainer.global_step), float(m["val_error"]), float(m["val_loss"])))
+
+    return ValidationCurve()
 
 
 def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_dir: Path, device: str = "cpu",
@@ -120,11 +139,12 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
         steps = module.trainer_limits["max_epochs"] * dm.steps_per_epoch
     grads = ProbeCallback(sites="*", every_n_epochs=0, every_n_steps=s["grad_every_n_steps"], out_dir=out_dir,
                           run=run_name, model_name=name)
+    validations = _validation_recorder()
     cuda = device == "cuda"
     with _quiet():
         trainer = pl.Trainer(
             accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-            **module.trainer_limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads],
+            **module.trainer_limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads, validations],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, log_every_n_steps=s["log_every_n_steps"],
             val_check_interval=min(s["val_every_n_steps"], steps), check_val_every_n_epoch=None)
@@ -143,7 +163,7 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
              "test_error_percent": 100 * test["test_error"], "test_loss": test["test_loss"],
              "steps": float(trainer.global_step), "train_seconds": seconds}
     keys = {"run": run_name, "seed": seed, "model": name, "family": family, "depth": depth}
-    curves = _curves(out_dir / "metrics.csv", keys)
+    curves = _curves(out_dir / "metrics.csv", validations.points, keys)
     grad_csv = out_dir / GRADIENTS_CSV
     gradients = pd.read_csv(grad_csv).assign(family=family, depth=depth) if grad_csv.is_file() else pd.DataFrame()
     return {"final": final, "curves": curves, "gradients": gradients, "checkpoint": ckpt}
@@ -180,7 +200,8 @@ def train_models(run, source, settings: dict, seeds, device: str = "cpu") -> dic
 def zoo_checkpoints(run_dir: str | Path) -> "pd.DataFrame":
     """The models of a ``train_zoo`` run: one row per model and seed with its absolute ``checkpoint`` path.
 
-    Columns: ``model, family, depth, seed, checkpoint`` (sorted by family, depth, seed).
+    Columns: ``model, family, depth, seed, checkpoint`` (plain, highway, residual, then other families; by
+    depth and seed within a family).
 
     Raises:
         ValueError: the folder is not a ``train_zoo`` run with trained models.
@@ -192,7 +213,9 @@ def zoo_checkpoints(run_dir: str | Path) -> "pd.DataFrame":
                          "make one with `python studies/train_zoo.py`")
     df = run.table("final")[["model", "family", "depth", "seed", "checkpoint"]].drop_duplicates()
     df["checkpoint"] = [str(run.path / c) for c in df["checkpoint"]]
-    return df.sort_values(["family", "depth", "seed"]).reset_index(drop=True)
+    rank = {f: i for i, f in enumerate(FAMILIES)}
+    df["_rank"] = df["family"].map(lambda f: rank.get(f, len(rank)))
+    return df.sort_values(["_rank", "family", "depth", "seed"]).drop(columns="_rank").reset_index(drop=True)
 
 
 def data_sizes(settings: dict) -> tuple[int | None, int | None]:
@@ -219,6 +242,7 @@ def main(argv: list[str] | None = None) -> Path:
                                   "writes checkpoints and training curves for the other studies.")
     add_training_options(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     settings = scale_settings(args, QUICK, PAPER)
     device = resolve_device(args.device).type
     from ..report import new_run
