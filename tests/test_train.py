@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 from resnet_probe.checkpoints import load_model
-from resnet_probe.data import CifarDataModule, default_pack_path, make_synthetic, write_pack
+from resnet_probe.data import CifarDataModule, make_synthetic, write_pack
 from resnet_probe.train import CifarClassifier, PaperSchedule, build_optimization, train_quick
 from resnet_probe.train.quick import _quiet
 
@@ -312,13 +312,7 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
     assert rows == list(csv.DictReader(open(tmp_path / "reference" / "metrics.csv")))
 
 
-# ---- learning on real data -----------------------------------------------------------------------
-
-@pytest.mark.skipif(default_pack_path() is None, reason="the CIFAR-10 JPEG pack is not available")
-def test_residual_20_learns_cifar10_in_a_quick_run():
-    _, metrics = train_quick("residual", 20, data="pack", train_limit=4000, val_size=1000, epochs=3)
-    assert metrics["data"] == "cifar10-jpeg" and not metrics["synthetic"]
-    assert metrics["val_accuracy"] > 0.40, metrics
+# Learning on real data: tests/test_science.py::test_a_small_residual_net_learns_real_cifar10.
 
 
 @pytest.mark.gpu
