@@ -67,8 +67,11 @@ SCIENCE_BUDGET = dict(depth=20, train_limit=5000, val_size=1000, epochs=3, batch
 
 @pytest.fixture(scope="session")
 def pack_path():
+    from pathlib import Path
+
     from resnet_probe.data import default_pack_path
-    path = default_pack_path()
+    env = os.environ.get("RESNET_PROBE_DATA")
+    path = Path(env) if env and Path(env).is_file() else default_pack_path()
     if path is None:
         pytest.skip("the CIFAR-10 JPEG pack (../shared/data/cifar10-jpeg.npz or $RESNET_PROBE_DATA) is not here")
     return path
