@@ -14,7 +14,12 @@ folder (``--data imagefolder=PATH``, resize 256 / center crop 224 / ImageNet nor
 Figure: response std per layer in the network's order and sorted by magnitude (He et al. Fig. 7).
 Headline: per model, the mean over layers of the response std (mean ± std over seeds).
 
-Result at quick scale (2 shared CPU cores, JPEG pack, 5,000 images, 3 epochs): see ``quickstart``.
+Result at quick scale (2 AMD EPYC cores shared with other jobs (load average 4-5), 1 torch thread, JPEG pack,
+seed 0; nets of ``train_zoo``'s quick scale, 1,000 test images; measured 2026-11-23): mean branch ``F(x)`` std
+0.973 (plain-20), 0.966 (highway-20), 0.916 (residual-20); mean layer response std 0.975 / 0.961 / 0.941; the
+gap grows along the residual net (its second layers fall to ~0.90 by the last stage). After only 189 steps
+every std is still near the BN scale's initial 1; He et al.'s fully trained nets separate much more. ~9 s for
+five nets.
 """
 from __future__ import annotations
 
