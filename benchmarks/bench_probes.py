@@ -1,9 +1,12 @@
 """Cost of the probes: evaluation with the response probe on vs off, training with the gradient probe.
 
-Measured on ResNet-56 (residual, option A) with random weights:
+Measured on ResNet-56 (residual, option A) with random weights whose BN running statistics are
+first set from the benchmark images (train-mode forwards), so that activations are normalised as in
+a trained net:
 
-- evaluation time over N images with no probe, with the streaming response probe on every site,
-  and with the naive alternative (hooks that keep every activation, then ``torch.std``);
+- evaluation time over N images with no probe, with the streaming response probe on every site
+  (3x3 layer responses, branch, shortcut, block output), on the 3x3 layer responses only (He et al.
+  Fig 7), and with the naive alternative (hooks that keep every activation, then ``torch.std``);
   target: streaming <= 10 % slower than no probe;
 - peak memory of that evaluation for two N: the streaming probe's state is O(channels), the naive
   capture grows with N;
@@ -26,8 +29,9 @@ from benchmarks.harness import device_name, median_time, peak_memory, record, re
 from resnet_probe.models import build_model
 from resnet_probe.probes import probe
 
+LAYER_SITES = "*.branch.conv*"  # each 3x3 layer's response after BN (He et al. 2016, Fig 7)
 SIZES = {  # images evaluated (two values for the memory comparison), eval batch, train batch
-    "small": dict(n_eval=(128, 256), eval_batch=64, train_batch=64),
+    "small": dict(n_eval=(256, 1024), eval_batch=64, train_batch=64),
     "paper": dict(n_eval=(5000, 10000), eval_batch=1000, train_batch=128),
 }
 
@@ -56,8 +60,8 @@ def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
     return {k: torch.cat(v).std() for k, v in kept.items()}
 
 
-def _streaming(model, images: torch.Tensor, batch: int):
-    with probe(model) as session:
+def _streaming(model, images: torch.Tensor, batch: int, sites="*"):
+    with probe(model, sites=sites) as session:
         _evaluate(model, images, batch)
     return session
 
@@ -100,15 +104,21 @@ def main(argv=None) -> None:
     size = args.size or ("paper" if device.type == "cuda" else "small")
     cfg = SIZES[size]
     torch.manual_seed(0)
-    model = build_model("residual", 56).to(device).eval()
+    model = build_model("residual", 56).to(device)
     g = torch.Generator().manual_seed(0)
     n_small, n_large = cfg["n_eval"]
     images = torch.randn(n_large, 3, 32, 32, generator=g).to(device)
     b = cfg["eval_batch"]
+    with torch.no_grad():  # BN running statistics of these images
+        for i in range(0, min(n_large, 8 * b), b):
+            model(images[i:i + b])
+    model.eval()
     rows = []
     evals = _interleaved({
         "eval, no probe": lambda: _evaluate(model, images, b),
         "eval, streaming response probe (all sites)": lambda: _streaming(model, images, b),
+        "eval, streaming response probe (3x3 layer responses)":
+            lambda: _streaming(model, images, b, LAYER_SITES),
         "eval, naive capture + torch.std (branch sites)": lambda: _naive_capture(model, images, b),
     }, args.repeats, device)
     for name, t in evals.items():

@@ -54,6 +54,30 @@ def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, d
     assert st.count == ref.numel() // 5
 
 
+def test_probe_std_matches_torch_std_on_both_reduction_paths():
+    """Sites whose first batch is near zero-mean switch to raw sums, an offset site stays centred; both exact."""
+    torch.manual_seed(3)
+    model = build_model("residual", 14)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(3):  # BN running statistics of the data, as in a trained net
+            model(torch.randn(16, 3, 32, 32, generator=g))
+        model.eval()
+        model.stage3[-1].branch.bn1.bias.fill_(12.0)  # this response: mean ~12, std ~1
+    with torch.no_grad(), probe(model, raw=True) as session:
+        for n in (5, 2, 7):
+            model(torch.randn(n, 3, 32, 32, generator=g))
+    centred = session.response._centred
+    assert centred["stage3.block2.branch.conv1"] is True
+    assert sum(not c for c in centred.values()) >= len(centred) // 2  # most sites took raw sums
+    for name in session.sites:
+        st = session.stats[name]
+        ref = session.raw(name).double()
+        per_channel = ref.transpose(0, 1).reshape(ref.shape[1], -1)
+        torch.testing.assert_close(st.global_std, ref.std(), rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(st.channel_std, per_channel.std(dim=1), rtol=1e-6, atol=0, msg=name)
+
+
 def test_merging_two_halves_equals_streaming_the_whole(batches):
     whole, first, second = ChannelStats(), ChannelStats(), ChannelStats()
     for i, b in enumerate(batches):

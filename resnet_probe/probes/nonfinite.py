@@ -2,9 +2,13 @@
 
 Every measured tensor is reduced to a sum of squares anyway; that sum is non-finite exactly when
 the tensor holds a NaN or an Inf (squares of finite float32/bfloat16 values cannot overflow
-float64). Each check folds ``(event number, site)`` into one int64 on the device with a running
-minimum, so the first site where a non-finite value appeared is known without any host
-synchronisation until it is read.
+float64), and a float64 accumulator that has taken in a NaN or Inf stays non-finite. Each check
+folds ``(event number, site)`` into one int64 on the device with a running minimum, so the first
+site where a non-finite value appeared is known without any host synchronisation until it is read.
+
+Gradient sites are checked one by one as they are measured (``check``). Response sites are checked
+together, once per forward pass, from their accumulators (``check_all``): the first site is then
+known to the resolution of one pass, and within that pass by site order (the forward order).
 """
 from __future__ import annotations
 
@@ -51,6 +55,24 @@ class NonFiniteWatch:
                 self._first = zeros((), finite.device, torch.int64).fill_(_NONE)
             cand = torch.where(finite.to(self._first.device), _NONE, code)
             torch.minimum(self._first, cand, out=self._first)
+
+    def check_all(self, first: int, values: list[torch.Tensor]) -> None:
+        """Record, as one event, each of the sites ``first``, ``first + 1``, ... whose value is not finite.
+
+        ``values[i]`` (any shape, on one device) belongs to site index ``first + i``.
+        """
+        if not values:
+            return
+        self._tick += 1
+        with torch.no_grad():
+            norms = torch._foreach_norm(values)
+            dev = norms[0].device
+            norms = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
+            if self._first is None:
+                self._first = zeros((), dev, torch.int64).fill_(_NONE)
+            codes = torch.arange(first, first + len(values), device=dev) + self._tick * max(len(self.names), 1)
+            cand = torch.where(torch.isfinite(norms), _NONE, codes).min()
+            torch.minimum(self._first, cand.to(self._first.device), out=self._first)
 
     def reset(self) -> None:
         self._tick = 0

@@ -155,6 +155,7 @@ class ProbeSession:
         if self.gradient is not None and "gradient" in metrics:
             extra = extra + self.gradient.reducible()
         all_reduce_stats(stats, extra, group=group)
+        self._check_response_finite()
         self.watch.all_reduce(group=group)
 
     # -- results ------------------------------------------------------------------------------
@@ -166,7 +167,12 @@ class ProbeSession:
     @property
     def nonfinite(self) -> str | None:
         """The first site where a NaN or Inf was measured, or ``None`` (one host synchronisation)."""
+        self._check_response_finite()
         return self.watch.first()
+
+    def _check_response_finite(self) -> None:
+        if self.response is not None:
+            self.response.check_finite()
 
     def check_finite(self) -> None:
         """Warn (or, with ``strict=True``, raise ``NonFiniteError``) if a non-finite value was measured."""

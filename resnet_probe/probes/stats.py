@@ -13,9 +13,12 @@ Definitions (``x`` the values of one channel, ``n`` their count; channel = dim 1
 - *rms*: ``sqrt(sum of all squares / number of values)``.
 
 Each batch is first reduced in the activation's own precision (float32 for float32 / bfloat16 /
-float16 activations, float64 for float64), centred piece by piece (see ``batch_moments``), to one
-sum and one sum of squares per channel, then added to the float64 accumulators. Sums and counts merge exactly (``merge``), and ``all_reduce`` sums them
-over the ranks of ``torch.distributed`` before any division: never a mean of means.
+float16 activations, float64 for float64) to one sum and one sum of squares per channel, then added
+to the float64 accumulators. Two reductions exist (see ``batch_moments``): *centred* pieces, exact
+whatever the mean, and *raw* sums, one read cheaper, used only where the squared mean is a small
+part of the second moment (``mean_share``). Sums and counts merge exactly (``merge``), and
+``all_reduce`` sums them over the ranks of ``torch.distributed`` before any division: never a mean
+of means.
 """
 from __future__ import annotations
 
@@ -38,19 +41,26 @@ def zeros(shape, device, dtype=torch.float64) -> torch.Tensor:
         return torch.zeros(shape, device=device, dtype=dtype)
 
 
-def batch_moments(x: torch.Tensor, scratch: dict | None = None) -> tuple[int, torch.Tensor]:
+def batch_moments(x: torch.Tensor, scratch: dict | None = None,
+                  centred: bool = True) -> tuple[int, torch.Tensor]:
     """Per-channel ``(count, [sum; sum of squares])`` of one batch ``x`` of shape (N, C, ...).
 
-    The sum of squares is rebuilt from centred pieces, ``sum x^2 = sum_r (M2_r + k_r mean_r^2)``,
-    where each piece ``r`` (one example's channel of a contiguous tensor, else the whole channel)
-    has its mean and centred sum of squares ``M2_r`` reduced in the activation's precision: the
-    rounding of the means then cancels out of the variance instead of being amplified by
-    ``mean^2 / var``, as it would be for raw float32 sums of squares.
+    Centred (default): the sum of squares is rebuilt from centred pieces,
+    ``sum x^2 = sum_r (M2_r + k_r mean_r^2)``, where each piece ``r`` (one example's channel of a
+    contiguous tensor, else the whole channel) has its mean and centred sum of squares ``M2_r``
+    reduced in the activation's precision: the rounding of the means then cancels out of the
+    variance instead of being amplified by ``mean^2 / var``, as it would be for raw float32 sums of
+    squares.
+
+    Raw (``centred=False``, contiguous tensors only): each piece's plain sum and sum of squares,
+    one read of ``x`` and no copy. The relative error of the variance is then about the float32
+    rounding times ``1 / (1 - mean_share)``; callers use it only where ``mean_share`` is small.
 
     Args:
         x: the batch.
         scratch: a dict in which to keep the centred-copy buffer between calls (one per shape),
             sparing an allocation per call; memory of one activation, independent of the data size.
+        centred: centred pieces (exact for any mean) or raw sums (cheaper; see above).
 
     Returns:
         the number of values per channel (a host int) and a (2, C) float64 tensor on ``x``'s device.
@@ -66,6 +76,9 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None) -> tuple[int, to
             x = x.float()
         if x.dim() >= 3 and x.is_contiguous():
             rows = x.reshape(x.shape[0], c, -1)  # a view: (example, channel, position)
+            if not centred:
+                a = torch.stack((rows.sum(2), torch.linalg.vector_norm(rows, dim=2))).to(torch.float64)
+                return n_c, torch.stack((a[0].sum(0), a[1].square_().sum(0)))
             k = rows.shape[2]
             mean = rows.mean(2, keepdim=True)
             m2 = torch.linalg.vector_norm(_centred(rows, mean, scratch), dim=2)
@@ -79,6 +92,14 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None) -> tuple[int, to
         s = a[0].sum(0) * k
         q = torch.addcmul(a[1].square(), a[0], a[0], value=k).sum(0)  # sum_r M2_r + k mean_r^2
         return n_c, torch.stack((s, q))
+
+
+def mean_share(count: int, moments: torch.Tensor) -> float:
+    """The largest share, over channels, of the squared mean in the second moment:
+    ``max_c (sum_c^2 / n) / sumsq_c`` (0 for zero-mean channels, 1 for constant ones; one host read)."""
+    s, q = moments.to(torch.float64)
+    share = torch.where(q > 0, s * s / max(count, 1) / q, torch.ones_like(q))
+    return float(share.max())
 
 
 def _centred(x: torch.Tensor, mean: torch.Tensor, scratch: dict | None) -> torch.Tensor:
