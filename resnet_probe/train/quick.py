@@ -5,8 +5,9 @@ training split with the ``fast`` (one-cycle) recipe, validates each epoch on a h
 the training set, and returns the trained module with its final metrics. No progress bar, no
 logger and no checkpoints unless ``out_dir`` is given. On a CPU a run is deterministic for a seed.
 
-Measured (2 shared CPU cores, JPEG pack, defaults): residual-20 on 5,000 images for 3 epochs
-reaches about 50 % validation accuracy in about a minute.
+Measured (2 idle CPU cores, 2 torch threads, JPEG pack, defaults: batch 32, peak lr 0.05):
+residual-20 on 5,000 images for 3 epochs reaches 48.3 % validation accuracy (1,000 held-out
+images) in 47 s; 49.5-51.0 % for other seeds / one thread. Batch 128 at lr 0.2 gets ~43 %.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from ..data import CifarDataModule
 from .module import CifarClassifier
 
-QUICK_LR = 0.2  # one-cycle peak lr of the quick runs
+QUICK_BATCH_SIZE = 32       # images a step: a few short epochs learn more from more, smaller steps
+QUICK_LR_PER_IMAGE = 0.2 / 128  # one-cycle peak lr per image of batch (linear scaling): 0.05 at 32
 
 
 @contextmanager
@@ -47,8 +49,9 @@ def _quiet() -> Iterator[None]:
 
 
 def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarDataModule = "auto",
-                train_limit: int | None = 5000, val_size: int = 1000, epochs: int = 3, batch_size: int = 128,
-                seed: int = 0, width: int = 1, out_dir: str | Path | None = None, lr: float = QUICK_LR,
+                train_limit: int | None = 5000, val_size: int = 1000, epochs: int = 3,
+                batch_size: int = QUICK_BATCH_SIZE, seed: int = 0, width: int = 1,
+                out_dir: str | Path | None = None, lr: float | None = None,
                 option: str = "A", gate_bias: float | None = None, recipe: str = "fast",
                 augment: bool = False, **module_kwargs: Any) -> tuple[CifarClassifier, dict[str, Any]]:
     """Train a CIFAR network briefly and return it with its final metrics.
@@ -66,7 +69,8 @@ def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarD
         seed: seeds the weights, the split and the batch order.
         width: filter multiplier.
         out_dir: if given, write ``metrics.csv``, ``hparams.yaml`` and ``checkpoints/last.ckpt`` there.
-        lr: peak learning rate of the one-cycle schedule (``recipe="fast"``) or the paper's base lr.
+        lr: peak learning rate of the one-cycle schedule (``recipe="fast"``) or the paper's base lr;
+            ``None`` = ``QUICK_LR_PER_IMAGE * batch size`` (0.05 at 32, 0.2 at 128).
         option: shortcut option ``A`` / ``B`` / ``C``.
         gate_bias: highway gate bias (``None`` = by depth).
         recipe: ``fast`` (default) or ``paper``.
@@ -83,6 +87,8 @@ def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarD
     else:
         dm = CifarDataModule(data=data, batch_size=batch_size, val_size=val_size, split_seed=seed,
                              train_limit=train_limit, augment=augment, seed=seed)
+    if lr is None:
+        lr = QUICK_LR_PER_IMAGE * dm.hparams.batch_size
     module_kwargs.setdefault("log_every_n_steps", 50)
     model = CifarClassifier(family, depth, option=option, width=width, gate_bias=gate_bias, recipe=recipe,
                             lr=lr, epochs=epochs, seed=seed, **module_kwargs)
