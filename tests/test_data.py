@@ -437,6 +437,42 @@ def test_lightning_resumes_a_killed_run_mid_epoch_with_the_same_batches(small_sy
     assert len(uninterrupted) == 10 and resumed == uninterrupted[7:]
 
 
+def test_every_validation_pass_sees_every_batch_after_the_sanity_check(small_synthetic):
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Counter(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+            self.val_labels: list[list[int]] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.linear(x.flatten(1)), y)
+
+        def on_validation_epoch_start(self):
+            self.val_labels.append([])
+
+        def validation_step(self, batch, batch_idx):
+            self.val_labels[-1] += batch[1].tolist()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = CifarDataModule.from_source(small_synthetic, val_size=150, batch_size=100, eval_batch_size=50,
+                                     train_limit=200, seed=3)
+    model = Counter()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, dm)
+    sanity, *epochs = model.val_labels
+    assert len(sanity) == 100 and len(epochs) == 2           # the sanity check stops after 2 of 3 batches
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 150  # then every pass reads all 3, in one order
+    assert epochs[0][:100] == sanity
+
+
 # ------------------------------------------------------------------ synthetic data
 
 def test_synthetic_set_is_deterministic_balanced_and_needs_texture_to_learn():

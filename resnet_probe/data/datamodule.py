@@ -180,7 +180,8 @@ class CifarDataModule(pl.LightningDataModule):
             shard, num_shards = self._shards() if train else (0, 1)
             return ResidentLoader(images, labels, batch_size, shuffle=train, augment=augment,
                                   drop_last=hp.drop_last and train, seed=hp.seed,
-                                  num_classes=self.num_classes, shard=shard, num_shards=num_shards)
+                                  num_classes=self.num_classes, shard=shard, num_shards=num_shards,
+                                  restart=not train)
         images, labels = self.splits()[split]
         return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=train,
                           drop_last=hp.drop_last and train, num_workers=hp.num_workers,

@@ -42,6 +42,9 @@ class ResidentLoader:
         mean, std: normalisation statistics of ``x / 255``.
         shard, num_shards: under data parallelism, rank ``shard`` takes every ``num_shards``-th
             example of each epoch's order (trimmed so all ranks see equally many).
+        restart: every pass starts at the first batch of the same epoch, whatever the previous pass
+            read (evaluation loaders: Lightning's sanity check reads a few validation batches and
+            stops; the first real validation must still see them all).
     """
 
     batch_sampler = None  # not a torch DataLoader: there is no batch sampler to inspect
@@ -50,7 +53,8 @@ class ResidentLoader:
                  shuffle: bool = False, augment: bool = False, drop_last: bool = False, seed: int = 0,
                  device: torch.device | str | None = None, num_classes: int | None = None,
                  padding: int = PADDING, mean: tuple[float, ...] = CIFAR_MEAN,
-                 std: tuple[float, ...] = CIFAR_STD, shard: int = 0, num_shards: int = 1):
+                 std: tuple[float, ...] = CIFAR_STD, shard: int = 0, num_shards: int = 1,
+                 restart: bool = False):
         if num_classes is None and isinstance(labels, torch.Tensor) and labels.numel():
             num_classes = int(labels.max()) + 1
         check_images_labels(images, labels, num_classes or 1, "loader", image_shape=None)
@@ -63,7 +67,7 @@ class ResidentLoader:
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.seed, self.padding, self.mean, self.std = seed, padding, tuple(mean), tuple(std)
-        self.shard, self.num_shards = shard, num_shards
+        self.shard, self.num_shards, self.restart = shard, num_shards, restart
         self.examples_per_epoch = len(images) // num_shards if num_shards > 1 else len(images)
         if self.examples_per_epoch == 0 or len(self) == 0:
             raise ValueError(f"{len(images)} examples give no batch of {batch_size} "
@@ -121,6 +125,8 @@ class ResidentLoader:
         return normalize(x, self.mean, self.std), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.restart:
+            self._position, self._live = 0, False
         if self._live:  # the previous pass was abandoned mid-epoch: like a DataLoader, start the next epoch
             self._epoch, self._position = self._epoch + 1, 0
         self._live = True
@@ -131,7 +137,7 @@ class ResidentLoader:
             self._position = b + 1
             yield out
         self._live = False
-        self._epoch, self._position = epoch + 1, 0
+        self._epoch, self._position = (epoch if self.restart else epoch + 1), 0
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch, batches already yielded in it, and the seed that fixes every epoch's order and crops."""
