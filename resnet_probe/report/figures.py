@@ -159,7 +159,7 @@ def _legend(fig, kind: str, spec: dict[str, Any], m: fk.Mapping, df: pd.DataFram
     if not handles:
         return
     title = None if sections else (spec.get("legend_title") or spec.get("hue") or spec.get("style"))
-    leg = fig.legend(handles, labels, loc="outside right upper", title=title, frameon=False, fontsize=9)
+    leg = fig.legend(handles, labels, loc="outside right center", title=title, frameon=False, fontsize=9)
     for i, text in enumerate(leg.get_texts()):
         if i in headers:
             text.set_fontweight("bold")
