@@ -236,3 +236,33 @@ def test_per_model_batches_are_the_lone_runs_batches_with_the_model_seeds():
     for s, seed in enumerate([4, 8]):
         lone_x, lone_y = next(iter(CifarDataModule.from_source(source, seed=seed, **kw).train_dataloader()))
         assert torch.equal(x[s], lone_x) and torch.equal(y[s], lone_y)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_grouped_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path):
+    """Per-model stateful loaders restart at the saved batch, and the schedule keeps its length."""
+    import pytorch_lightning as pl
+
+    from resnet_probe.data import CifarDataModule, make_synthetic
+    from resnet_probe.train.grouped import GroupedClassifier, per_model_train_batches
+
+    source = make_synthetic(n_train=120, n_test=16, seed=0)
+
+    def fit(ckpt_path=None, every=None):
+        dm = CifarDataModule.from_source(source, val_size=0, batch_size=20, seed=0, augment=True)
+        dm.setup("fit")
+        module = GroupedClassifier(family="residual", depth=8, seeds=[4, 6], recipe="fast", epochs=2,
+                                   log_every_n_steps=2)
+        callbacks = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
+                                                  filename="{step}")] if every else []
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks,
+                             limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=per_model_train_batches(dm, [4, 6]), ckpt_path=ckpt_path)
+        return module, trainer
+
+    whole, _ = fit(every=4)                                   # 6 steps an epoch: step 4 is mid epoch 1
+    resumed, trainer = fit(ckpt_path=tmp_path / "step=4.ckpt")
+    assert trainer.global_step == 12
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

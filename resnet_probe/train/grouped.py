@@ -26,13 +26,10 @@ from typing import Iterable, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 
 from ..atomic import atomic_path
 from ..models.grouped import GroupedCifarNet, grouped_cross_entropy
-from .recipes import PaperSchedule, build_optimization, check_recipe, training_length
-
-STAGES = ("train", "val", "test")
+from .base import RecipeModule, check_training_args
 
 
 class PerModelBatches:
@@ -109,7 +106,7 @@ def per_model_train_batches(datamodule, data_seeds: Sequence[int]) -> PerModelBa
                        seed=int(seed), num_classes=datamodule.num_classes) for seed in data_seeds])
 
 
-class GroupedClassifier(pl.LightningModule):
+class GroupedClassifier(RecipeModule):
     """S CIFAR classifiers of one architecture, one per seed, trained as one grouped network.
 
     Args:
@@ -131,18 +128,10 @@ class GroupedClassifier(pl.LightningModule):
                  warmup: bool | None = None, warmup_lr: float = 0.01, warmup_until_error: float = 0.8,
                  compile: bool = False, log_every_n_steps: int = 50):
         super().__init__()
-        check_recipe(recipe)
-        training_length(recipe, epochs, max_steps)
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be a positive integer; got {log_every_n_steps!r}")
+        check_training_args(recipe, epochs, max_steps, log_every_n_steps)
         seeds = list(seeds)  # saved as a list (save_hyperparameters reads the local variables)
         self.save_hyperparameters()
         self.model = GroupedCifarNet(family, depth, option, width, gate_bias, num_classes, seeds=seeds)
-        self._sums: dict[str, torch.Tensor | None] = dict.fromkeys(STAGES)  # (S, 2): loss sum, errors
-        self._counts: dict[str, int] = dict.fromkeys(STAGES, 0)             # images per model
-        self._window: torch.Tensor | None = None
-        self._window_count = 0
-        self._device_ready = False
 
     @property
     def num_models(self) -> int:
@@ -151,32 +140,6 @@ class GroupedClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(S, N, classes)``; ``x`` as ``GroupedCifarNet.stack_inputs`` accepts."""
         return self.model(x)
-
-    @property
-    def trainer_limits(self) -> dict[str, int]:
-        """``max_epochs`` / ``max_steps`` for a Trainer running this recipe (``-1`` = no limit)."""
-        return training_length(self.hparams.recipe, self.hparams.epochs, self.hparams.max_steps)
-
-    def _prepare_device(self) -> None:
-        if self._device_ready:
-            return
-        self._device_ready = True
-        if self.device.type != "cuda":
-            if self.hparams.compile:
-                rank_zero_warn("compile=True is ignored off CUDA; the network runs eagerly")
-            return
-        self.model.to(memory_format=torch.channels_last)
-        if self.hparams.compile:
-            self.model.compile()
-
-    def on_fit_start(self) -> None:
-        self._prepare_device()
-
-    def on_validation_start(self) -> None:
-        self._prepare_device()
-
-    def on_test_start(self) -> None:
-        self._prepare_device()
 
     # ---- steps -----------------------------------------------------------------------------------
 
@@ -207,100 +170,12 @@ class GroupedClassifier(pl.LightningModule):
         x, y = self._grouped_batch(batch, per_model=stage == "train" and not self.hparams.shared_batches)
         logits = self.model.forward_grouped(x)
         losses = grouped_cross_entropy(logits, y)
-        with torch.no_grad():
-            n = y.shape[1]
-            wrong = (logits.argmax(dim=2) != y).sum(dim=1)
-            dtype = torch.float32 if losses.device.type == "mps" else torch.float64
-            stats = torch.stack([losses.detach().to(dtype) * n, wrong.to(dtype)], dim=1)
-            if self._sums[stage] is None:
-                self._sums[stage] = torch.zeros_like(stats)
-            self._sums[stage] += stats
-            self._counts[stage] += n
+        self._record(stage, losses, (logits.argmax(dim=2) != y).sum(dim=1), y.shape[1])
         return losses.sum()
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    # ---- host reads ----------------------------------------------------------------------------------
-
-    def _reset(self, stage: str) -> None:
-        self._sums[stage], self._counts[stage] = None, 0
-        if stage == "train":
-            self._window, self._window_count = None, 0
-
-    def on_train_epoch_start(self) -> None:
-        self._reset("train")
-
-    def on_validation_epoch_start(self) -> None:
-        self._reset("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._reset("test")
-
-    def _log_per_model(self, metrics: dict[str, list[float]], on_step: bool, prog_bar: bool) -> None:
-        """Log each metric's mean over models (on the progress bar) and its value per model."""
-        means = {name: sum(v) / len(v) for name, v in metrics.items()}
-        per_model = {f"{name}/model{s}": x for name, v in metrics.items() for s, x in enumerate(v)}
-        self.log_dict(means, on_step=on_step, on_epoch=not on_step, prog_bar=prog_bar, logger=True)
-        self.log_dict(per_model, on_step=on_step, on_epoch=not on_step, prog_bar=False, logger=True)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.global_step % self.hparams.log_every_n_steps or self._sums["train"] is None:
-            return
-        sums, count = self._sums["train"], self._counts["train"]
-        n = count - self._window_count
-        if n <= 0:
-            return
-        prev = torch.zeros_like(sums) if self._window is None else self._window
-        window = ((sums - prev) / n).tolist()  # the one host read of this window
-        self._window, self._window_count = sums.clone(), count
-        losses, errors = [w[0] for w in window], [w[1] for w in window]
-        scheduler = self.lr_schedulers()
-        if isinstance(scheduler, PaperSchedule) and scheduler.warming_up:
-            scheduler.observe_train_error(max(errors))
-        self._log_per_model({"train_loss_step": losses, "train_error_step": errors}, on_step=True, prog_bar=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 prog_bar=True, logger=True)
-
-    def _log_epoch(self, stage: str) -> None:
-        sums = self._sums[stage]
-        if sums is None:
-            return
-        # sums and counts are reduced over processes before dividing: never a mean of means
-        count = torch.tensor([float(self._counts[stage])], dtype=sums.dtype, device=sums.device)
-        total = self.trainer.strategy.reduce(torch.cat([sums.flatten(), count]), reduce_op="sum")
-        per_model = (total[:-1].reshape(-1, 2) / total[-1]).tolist()
-        self._log_per_model({f"{stage}_loss": [m[0] for m in per_model], f"{stage}_error": [m[1] for m in per_model]},
-                            on_step=False, prog_bar=stage != "test")
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-
-    # ---- optimisation --------------------------------------------------------------------------------
-
-    def configure_optimizers(self):
-        h = self.hparams
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise ValueError("the training length is unbounded: set epochs or max_steps "
-                             f"(Trainer limits for this recipe: {self.trainer_limits})")
-        optimizer, scheduler = build_optimization(
-            self.model.parameters(), h.recipe, int(total), depth=h.depth, lr=h.lr, momentum=h.momentum,
-            weight_decay=h.weight_decay, nesterov=h.nesterov, warmup=h.warmup, warmup_lr=h.warmup_lr,
-            warmup_until_error=h.warmup_until_error)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def _metrics(self, name: str, values: list[float]) -> dict[str, float]:
+        """The mean over models as ``name`` and each model's value as ``name/model{s}``."""
+        return {name: sum(values) / len(values), **{f"{name}/model{s}": v for s, v in enumerate(values)}}
 
     # ---- export ----------------------------------------------------------------------------------------
 

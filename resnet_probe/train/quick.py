@@ -32,7 +32,7 @@ QUICK_LR_PER_IMAGE = 0.2 / 128  # one-cycle peak lr per image of batch (linear s
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's per-run banners (GPU available, tips, summaries) and its sizing hints."""
     loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")]
     levels = [lg.level for lg in loggers]
@@ -42,6 +42,7 @@ def _quiet() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=PossibleUserWarning)
             warnings.filterwarnings("ignore", message=".*but have no logger configured.*")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
             yield
     finally:
         for lg, level in zip(loggers, levels):
@@ -95,7 +96,7 @@ def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarD
     cuda = torch.cuda.is_available()
     out = Path(out_dir) if out_dir is not None else None
     callbacks = [] if out is None else [ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)]
-    with _quiet():
+    with quiet_lightning():
         trainer = pl.Trainer(
             accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true",
             max_epochs=epochs, logger=False if out is None else CSVLogger(out, name="", version=""),
