@@ -169,7 +169,7 @@ def _mismatch(expected: dict[str, tuple], got: dict[str, tuple], limit: int = 10
     return "; ".join(parts) or "no differences"
 
 
-def _torchvision_model(arch: str, num_classes: int = 1000, device: str | torch.device = "cpu") -> nn.Module:
+def torchvision_model(arch: str, num_classes: int = 1000, device: str | torch.device = "cpu") -> nn.Module:
     if arch not in TORCHVISION_ARCHS:
         raise CheckpointError(f"unknown torchvision architecture {arch!r}; valid: {', '.join(TORCHVISION_ARCHS)}")
     with torch.device(device):
@@ -178,7 +178,7 @@ def _torchvision_model(arch: str, num_classes: int = 1000, device: str | torch.d
 
 @functools.lru_cache(maxsize=None)
 def _torchvision_shapes(arch: str, num_classes: int) -> dict[str, tuple]:
-    return _shapes(_torchvision_model(arch, num_classes, device="meta").state_dict())
+    return _shapes(torchvision_model(arch, num_classes, device="meta").state_dict())
 
 
 def _strip_prefix(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -200,7 +200,7 @@ def _num_classes(sd: dict[str, torch.Tensor], default: int = 1000) -> int:
     return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else default
 
 
-def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str,
+def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str,
                  assign: bool = False) -> None:
     """``load_state_dict(strict=True)``, with a ``CheckpointError`` naming every difference instead."""
     expected = _shapes(model.state_dict())
@@ -270,7 +270,7 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
     """
     if isinstance(source, str) and source.startswith("torchvision:"):
         name = source.split(":", 1)[1]
-        model = _torchvision_model(name)
+        model = torchvision_model(name)
         return model.eval(), {"kind": "torchvision-random", "arch": name, "hparams": {}, "path": None}
     path = Path(source)
     obj = read_checkpoint(path, allow_unsafe=allow_unsafe)
@@ -289,7 +289,7 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its hyper_parameters do not describe a CIFAR net: {e}") from None
         what = f"{kwargs.get('family', 'residual')}-{kwargs.get('depth', 20)}"
-        _load_strict(model, sd, path, f"the {what} network its hyper_parameters describe")
+        load_strict(model, sd, path, f"the {what} network its hyper_parameters describe")
         return model.eval(), {"kind": "project", "arch": what, "hparams": dict(hparams), "path": str(path)}
 
     sd = _as_state_dict(obj)
@@ -298,8 +298,8 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
         raise CheckpointError(f"{path}: neither a project checkpoint nor a state_dict of tensors (found: {keys})")
     arch = arch or _infer_torchvision_arch(sd, path)
     # built on the meta device and given the file's tensors: no time spent on a random init
-    model = _torchvision_model(arch, _num_classes(sd), device="meta")
-    _load_strict(model, sd, path, f"torchvision {arch}", assign=True)
+    model = torchvision_model(arch, _num_classes(sd), device="meta")
+    load_strict(model, sd, path, f"torchvision {arch}", assign=True)
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{path}: no values for {', '.join(left[:10])} in torchvision {arch}")

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Callback
 from resnet_probe.checkpoints import load_model
 from resnet_probe.data import CifarDataModule, make_synthetic, write_pack
 from resnet_probe.train import CifarClassifier, PaperSchedule, build_optimization, train_quick
-from resnet_probe.train.quick import _quiet
+from resnet_probe.train.quick import quiet_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_warmup_in_training_is_checked_every_n_steps_then_returns_to_base_lr():
     model = CifarClassifier(depth=8, recipe="paper", max_steps=16, warmup=True, warmup_until_error=1.01,
                             log_every_n_steps=5)
     record = _RecordLR()
-    with _quiet():
+    with quiet_lightning():
         trainer = pl.Trainer(max_steps=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                              callbacks=[record])

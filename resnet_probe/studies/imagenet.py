@@ -242,15 +242,15 @@ def torchvision_pretrained(arch: str, weights: str, download: bool = True) -> tu
     Returns:
         ``(model, info)`` like ``resnet_probe.checkpoints.load_model``, ``kind="torchvision-weights"``.
     """
-    from ..checkpoints import TORCHVISION_ARCHS, CheckpointError, _load_strict, _torchvision_model
+    from ..checkpoints import TORCHVISION_ARCHS, CheckpointError, load_strict, torchvision_model
 
     if arch not in TORCHVISION_ARCHS:
         raise ValueError(f"unknown torchvision architecture {arch!r}; valid: {', '.join(TORCHVISION_ARCHS)}")
     member = resolve_weights(arch, weights)
     sd = weights_state_dict(member, download=download)
-    model = _torchvision_model(arch, num_classes=len(member.meta["categories"]))
+    model = torchvision_model(arch, num_classes=len(member.meta["categories"]))
     try:
-        _load_strict(model, sd, weights_file(member), f"torchvision {arch}")
+        load_strict(model, sd, weights_file(member), f"torchvision {arch}")
     except CheckpointError as e:
         raise CheckpointError(f"{e} (a corrupt or foreign file in the hub cache? delete it and retry)") from None
     return model.eval(), {"kind": "torchvision-weights", "arch": arch, "hparams": {"weights": str(member)},

@@ -156,7 +156,7 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
     from ..data import CifarDataModule
     from ..probes.callback import GRADIENTS_CSV, ProbeCallback
     from ..train import CifarClassifier
-    from ..train.quick import _quiet
+    from ..train.quick import quiet_lightning
 
     s = settings
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
                           run=run_name, model_name=name)
     validations = _validation_recorder()
     cuda = device == "cuda"
-    with _quiet():
+    with quiet_lightning():
         trainer = pl.Trainer(
             accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
             **module.trainer_limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads, validations],
