@@ -11,7 +11,6 @@ This module is plain PyTorch: it imports neither Lightning nor the training code
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import os
@@ -304,12 +303,3 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
     if left:
         raise CheckpointError(f"{path}: no values for {', '.join(left[:10])} in torchvision {arch}")
     return model.eval(), {"kind": "torchvision", "arch": arch, "hparams": {}, "path": str(path)}
-
-
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--arch`` and ``--allow-unsafe-load`` to a study's argument parser."""
-    parser.add_argument("--arch", choices=TORCHVISION_ARCHS, default=None,
-                        help="torchvision architecture of state_dict files (default: inferred from the keys)")
-    parser.add_argument(UNSAFE_FLAG, dest="allow_unsafe_load", action="store_true",
-                        help="load files that need arbitrary unpickling; this can execute code from the "
-                             "file, so only use it for files from a source you trust")

@@ -34,12 +34,13 @@ def usage() -> str:
 
 def inspect_main(argv: list[str]) -> int:
     """``resnet-probe inspect FILE``: kind, architecture, parameters and blocks of a model file."""
-    from .checkpoints import CheckpointError, add_load_arguments, load_model
+    from .checkpoints import TORCHVISION_ARCHS, CheckpointError, load_model
+    from .studies.options import add_load_arguments
     from .models import anatomy, count_parameters
 
     parser = argparse.ArgumentParser(prog="resnet-probe inspect", description=inspect_main.__doc__)
     parser.add_argument("source", help="a .ckpt, a torchvision state_dict file, or torchvision:NAME")
-    add_load_arguments(parser)
+    add_load_arguments(parser, TORCHVISION_ARCHS)
     args = parser.parse_args(argv)
     try:
         model, info = load_model(args.source, arch=args.arch, allow_unsafe=args.allow_unsafe_load)

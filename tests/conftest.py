@@ -65,6 +65,16 @@ def no_hook_left_behind():
 SCIENCE_BUDGET = dict(depth=20, train_limit=5000, val_size=1000, epochs=3, batch_size=128, seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: on a shared 2-core machine a 2-thread OpenMP pool
+    stalls whenever one of its threads is descheduled (see ``studies.options.set_threads``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def pack_path():
     from pathlib import Path

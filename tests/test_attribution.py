@@ -10,12 +10,11 @@ from resnet_probe.attribution import block_attributions
 from resnet_probe.models import anatomy, build_model
 
 from test_lesion_context import _randomise_bn
+from test_paths import _data as random_batch
 
 
 def _data(n=3, size=8):
-    g = torch.Generator().manual_seed(8)
-    return (torch.randn(n, 3, size, size, generator=g, dtype=torch.float64),
-            torch.randint(0, 10, (n,), generator=g))
+    return random_batch(n, size, seed=8)
 
 
 def _target_logit_gain(model, x, y):

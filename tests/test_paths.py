@@ -27,8 +27,9 @@ def _net(family="residual", depth=8, **kw):
     return model.double()
 
 
-def _data(n=2, size=8):
-    g = torch.Generator().manual_seed(6)
+def _data(n=2, size=8, seed=6):
+    """``n`` float64 images of ``size`` x ``size`` and their labels, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 3, size, size, generator=g, dtype=torch.float64),
             torch.randint(0, 10, (n,), generator=g))
 

@@ -46,13 +46,7 @@ def assert_complete_report(run: Path, figures: list[str], synthetic: bool = True
     return html
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets on a shared 2-core machine: one torch thread avoids OpenMP stalls (see ``set_threads``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

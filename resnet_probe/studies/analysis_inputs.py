@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .imagenet import add_imagenet_arguments, imagefolder_path, load_imagefolder, load_study_model
+from .imagenet import imagefolder_path, load_imagefolder, load_study_model
+from .options import add_imagenet_arguments, add_load_arguments, resolve_device, scale_settings, set_threads
 
 
 @dataclass(eq=False)
@@ -60,11 +61,11 @@ class EvalData:
 def add_model_arguments(p: argparse.ArgumentParser, families: tuple[str, ...] = ("plain", "highway",
                                                                                   "residual", "preact")) -> None:
     """Positional ``CHECKPOINT...`` plus the loading, ImageNet and own-training options."""
-    from ..checkpoints import add_load_arguments
+    from ..checkpoints import TORCHVISION_ARCHS
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="project .ckpt, train_zoo run folder, torchvision state_dict file or torchvision:ARCH; "
                         "none: train the scale's nets here")
-    add_load_arguments(p)
+    add_load_arguments(p, TORCHVISION_ARCHS)
     add_imagenet_arguments(p)
     p.add_argument("--families", nargs="+", choices=families, default=None, help="families trained without CHECKPOINT")
     p.add_argument("--depth", type=int, default=None, help="depth (6n+2) trained without CHECKPOINT")
@@ -95,14 +96,33 @@ def evaluation_data(args: argparse.Namespace, s: dict) -> EvalData:
     return EvalData(normalize(source.test_images[idx]), source.test_labels[idx].long(), prov, "cifar", source)
 
 
-def _label(info: dict, source: str) -> str:
+def open_analysis(parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict,
+                  paper: dict) -> tuple[argparse.Namespace, dict, torch.device, EvalData, dict]:
+    """Parse an analysis study's command line and resolve what it runs on.
+
+    Returns:
+        ``(args, settings, device, data, config)``: the parsed arguments (threads set), the scale's
+        settings, the device, the evaluation data, and the config the run records.
+    """
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    s = scale_settings(args, quick, paper)
+    device = resolve_device(args.device)
+    data = evaluation_data(args, s)
+    config = {**s, "scale": args.scale, "seeds": list(args.seeds), "checkpoints": list(args.checkpoints),
+              "weights": getattr(args, "weights", None), "device": device.type}
+    return args, s, device, data, config
+
+
+def model_label(info: dict, source: str | None = None) -> str:
+    """How a loaded model is named in tables: its architecture, weights or file (``load_model``'s info)."""
     if info["kind"] == "project":
         return info["arch"]
     if info["kind"] == "torchvision-random":
         return f"{info['arch']} (random init)"
     if info["kind"] == "torchvision-weights":
         return f"{info['arch']} {info['hparams']['weights'].split('.')[-1]}"
-    return f"{info['arch']} ({Path(source).name})"
+    return f"{info['arch']} ({Path(source or info['path']).name})"
 
 
 def expand_checkpoints(sources: list[str], families: tuple[str, ...]) -> list[tuple[str, int | None]]:
@@ -175,7 +195,7 @@ def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torc
                                                allow_unsafe=args.allow_unsafe_load,
                                                download=getattr(args, "download", True))
             seed = int(info["hparams"].get("seed", seed)) if info["kind"] == "project" else seed
-            yield record(StudyModel(_label(info, src), model, seed, info))
+            yield record(StudyModel(model_label(info, src), model, seed, info))
         return
     if data.source is None:
         raise ValueError("training needs CIFAR data; pass CHECKPOINTs to evaluate on an image folder")

@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import train_zoo
-from .options import resolve_data, resolve_device, scale_settings, set_threads, study_parser
 
 QUICK, PAPER = train_zoo.QUICK, train_zoo.PAPER  # the nets trained without --zoo: those of train_zoo
 ERRORS = (("train", "train_error_percent"), ("val", "val_error_percent"), ("test", "test_error_percent"))
@@ -77,34 +76,17 @@ def headline_errors(errors: "pd.DataFrame") -> "pd.DataFrame":
 
 def main(argv: list[str] | None = None) -> Path:
     """Run the degradation study; returns its run folder."""
-    p = study_parser("degradation", "He et al. Fig. 1/6: training and test error of plain vs highway vs "
-                                    "residual nets at increasing depth, from a train_zoo run or trained here.")
-    p.add_argument("--zoo", metavar="RUN_DIR", default=None,
-                   help="a train_zoo run folder to read (default: train the nets here)")
-    train_zoo.add_training_options(p)
-    args = p.parse_args(argv)
-    set_threads(args.threads)
-    settings = scale_settings(args, QUICK, PAPER)
-    from ..report import new_run, open_run
+    args, settings = train_zoo.parse_zoo_study(
+        "degradation", "He et al. Fig. 1/6: training and test error of plain vs highway vs "
+                       "residual nets at increasing depth, from a train_zoo run or trained here.",
+        "a train_zoo run folder to read (default: train the nets here)", argv, QUICK, PAPER)
+    from ..report import new_run
 
-    if args.zoo:
-        zoo = open_run(args.zoo)
-        data = zoo.provenance.get("data")
-        config = {"zoo": str(zoo.path.resolve()), "zoo_config": zoo.provenance.get("config")}
-    else:
-        source = resolve_data(args.data, *train_zoo.data_sizes(settings))
-        data = source.provenance()
-        config = {**settings, "scale": args.scale, "seeds": list(args.seeds)}
-    with new_run("degradation", out=args.out, config=config, data=data, source_file=__file__, argv=argv,
+    zoo = train_zoo.ZooInput(args, settings, needs="final")
+    with new_run("degradation", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__, argv=argv,
                  title="Degradation: training error against depth (He et al. 2016, Fig. 1/6)") as run:
-        if args.zoo:
-            run.add_text("Setup", f"Networks and curves read from the train_zoo run `{zoo.path}`.")
-            curves, final = zoo.table("curves"), zoo.table("final")
-        else:
-            run.add_text("Setup", train_zoo.describe(settings, args.seeds))
-            device = resolve_device(args.device).type
-            tables = train_zoo.train_models(run, source, settings, args.seeds, device)
-            curves, final = tables["curves"], tables["final"]
+        tables = zoo.tables(run, "Networks and curves")
+        curves, final = tables["curves"], tables["final"]
         _report(run, curves, final_errors(final))
     return run.path
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from . import train_zoo
-from .options import resolve_data, resolve_device, scale_settings, set_threads, study_parser
 
 QUICK: dict[str, Any] = {**train_zoo.QUICK, "depths": (20,), "epochs": 1, "grad_every_n_steps": 2}
 PAPER: dict[str, Any] = {**train_zoo.PAPER, "depths": (20, 56, 110)}
@@ -73,38 +72,18 @@ def _family_rank(column: "pd.Series") -> "pd.Series":
 
 def main(argv: list[str] | None = None) -> Path:
     """Run the gradient-norm study; returns its run folder."""
-    p = study_parser("gradients", "Per-block gradient norms during training, plain vs highway vs residual, "
-                                  "from a train_zoo run or a short training run here.")
-    p.add_argument("--zoo", metavar="RUN_DIR", default=None,
-                   help="a train_zoo run folder whose gradient records to read (default: train here)")
-    train_zoo.add_training_options(p)
-    args = p.parse_args(argv)
-    set_threads(args.threads)
-    settings = scale_settings(args, QUICK, PAPER)
-    from ..report import new_run, open_run
+    args, settings = train_zoo.parse_zoo_study(
+        "gradients", "Per-block gradient norms during training, plain vs highway vs residual, "
+                     "from a train_zoo run or a short training run here.",
+        "a train_zoo run folder whose gradient records to read (default: train here)", argv, QUICK, PAPER)
+    from ..report import new_run
 
-    if args.zoo:
-        zoo = open_run(args.zoo)
-        if "gradients" not in zoo.tables:
-            raise ValueError(f"{args.zoo}: the train_zoo run has no 'gradients' table")
-        data = zoo.provenance.get("data")
-        config = {"zoo": str(zoo.path.resolve()), "zoo_config": zoo.provenance.get("config")}
-    else:
-        source = resolve_data(args.data, *train_zoo.data_sizes(settings))
-        data = source.provenance()
-        config = {**settings, "scale": args.scale, "seeds": list(args.seeds)}
-    with new_run("gradients", out=args.out, config=config, data=data, source_file=__file__, argv=argv,
+    zoo = train_zoo.ZooInput(args, settings, needs="gradients")
+    every = (zoo.config.get("zoo_config") or {}).get("grad_every_n_steps", "?") if args.zoo \
+        else settings["grad_every_n_steps"]
+    with new_run("gradients", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__, argv=argv,
                  title="Gradient norms per block during training") as run:
-        if args.zoo:
-            run.add_text("Setup", f"Gradient records read from the train_zoo run `{zoo.path}` "
-                                  f"(every {(zoo.provenance.get('config') or {}).get('grad_every_n_steps', '?')} "
-                                  "steps).")
-            grads = zoo.table("gradients")
-        else:
-            run.add_text("Setup", train_zoo.describe(settings, args.seeds)
-                         + f" Gradient norms recorded every {settings['grad_every_n_steps']} steps.")
-            grads = train_zoo.train_models(run, source, settings, args.seeds, resolve_device(args.device).type)[
-                "gradients"]
+        grads = zoo.tables(run, "Gradient records", f" Gradient norms recorded every {every} steps.")["gradients"]
         _report(run, with_block_index(grads[grads["metric"].isin(GRADIENT_METRICS)]))
     return run.path
 

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .analysis_inputs import add_model_arguments, check_labels, evaluation_data, study_models
+from .analysis_inputs import add_model_arguments, check_labels, open_analysis, study_models
 from .lesion import tidy_sweep
-from .options import resolve_device, scale_settings, study_parser
+from .options import study_parser
 
 QUICK: dict[str, Any] = dict(
     n_examples=1000,            # evaluation images
@@ -115,12 +115,7 @@ def check_gated(sm) -> None:
 def main(argv: list[str] | None = None) -> Path:
     """Run the highway study; returns the run folder."""
     from ..report import new_run
-    args = build_parser().parse_args(argv)
-    s = scale_settings(args, QUICK, PAPER)
-    device = resolve_device(args.device)
-    data = evaluation_data(args, s)
-    config = {**s, "scale": args.scale, "seeds": list(args.seeds), "checkpoints": list(args.checkpoints),
-              "device": device.type}
+    args, s, device, data, config = open_analysis(build_parser(), argv, QUICK, PAPER)
     with new_run("highway", out=args.out, config=config, data=data.provenance, source_file=__file__, argv=argv,
                  title="Highway study: transform gates and gate closing (Srivastava et al. 2015)") as run:
         gates, closing = [], []

@@ -21,7 +21,6 @@ the studies keep one transform for every model, which moves top-1 error by a few
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from dataclasses import dataclass
@@ -278,15 +277,3 @@ def load_study_model(source: str, *, weights: str | None = None, arch: str | Non
         raise ValueError(f"--weights {weights} applies to torchvision:ARCH models; {source!r} is a file "
                          "that carries its own weights")
     return torchvision_pretrained(source.split(":", 1)[1], weights, download=download)
-
-
-def add_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--weights``, ``--limit`` and ``--no-download`` to a study's parser."""
-    parser.add_argument("--weights", default=None, metavar="NAME",
-                        help="torchvision weights for torchvision:ARCH models (IMAGENET1K_V1, IMAGENET1K_V2, "
-                             "DEFAULT), read from torch.hub.get_dir()/checkpoints/; absent: random weights")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="with --data imagefolder=PATH: evaluate a seeded random subset of N images")
-    parser.add_argument("--no-download", dest="download", action="store_false",
-                        help="never download missing torchvision weights (downloading is %(default)s "
-                             "unless this flag is given, and happens only when download.pytorch.org answers)")

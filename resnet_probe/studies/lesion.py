@@ -33,8 +33,8 @@ from typing import Any
 import pandas as pd
 
 from ..models import LESION_MODES
-from .analysis_inputs import add_model_arguments, check_labels, evaluation_data, study_models
-from .options import resolve_device, scale_settings, study_parser
+from .analysis_inputs import add_model_arguments, check_labels, open_analysis, study_models
+from .options import study_parser
 
 FAMILIES = ("plain", "highway", "residual", "preact")   # taken from train_zoo folders (highway: gate closed)
 QUICK: dict[str, Any] = dict(
@@ -159,12 +159,7 @@ def attribution(model, x, y, s: dict, keys: dict) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> Path:
     """Run the lesion study; returns the run folder."""
     from ..report import new_run
-    args = build_parser().parse_args(argv)
-    s = scale_settings(args, QUICK, PAPER)
-    device = resolve_device(args.device)
-    data = evaluation_data(args, s)
-    config = {**s, "scale": args.scale, "seeds": list(args.seeds), "checkpoints": list(args.checkpoints),
-              "weights": args.weights, "device": device.type}
+    args, s, device, data, config = open_analysis(build_parser(), argv, QUICK, PAPER)
     with new_run("lesion", out=args.out, config=config, data=data.provenance, source_file=__file__, argv=argv,
                  title="Lesion study: deleting and reordering blocks (Veit et al. 2016)") as run:
         tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("single_block", "k_random", "reorder", "attribution")}

@@ -144,3 +144,25 @@ def set_threads(n: int | None) -> None:
         raise ValueError(f"--threads must be a positive number; got {n}")
     import torch
     torch.set_num_threads(n)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, archs: tuple[str, ...] | None = None) -> None:
+    """Add ``--arch`` (one of ``archs`` when given) and ``--allow-unsafe-load``: how model files are read."""
+    parser.add_argument("--arch", choices=archs, default=None,
+                        help="torchvision architecture of state_dict files, e.g. resnet50 (default: inferred "
+                             "from the keys)")
+    parser.add_argument("--allow-unsafe-load", dest="allow_unsafe_load", action="store_true",
+                        help="load files that need arbitrary unpickling; this can execute code from the "
+                             "file, so only use it for files from a source you trust")
+
+
+def add_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--weights``, ``--limit`` and ``--no-download``: pretrained torchvision models on ImageNet folders."""
+    parser.add_argument("--weights", default=None, metavar="NAME",
+                        help="torchvision weights for torchvision:ARCH models (IMAGENET1K_V1, IMAGENET1K_V2, "
+                             "DEFAULT), read from torch.hub.get_dir()/checkpoints/; absent: random weights")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="with --data imagefolder=PATH: evaluate a seeded random subset of N images")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="never download missing torchvision weights (without this flag they are "
+                             "downloaded when download.pytorch.org answers)")

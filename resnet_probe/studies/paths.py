@@ -37,8 +37,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .analysis_inputs import add_model_arguments, check_labels, evaluation_data, study_models
-from .options import resolve_device, scale_settings, study_parser
+from .analysis_inputs import add_model_arguments, check_labels, open_analysis, study_models
+from .options import study_parser
 
 ADDITIVE_FAMILIES = ("residual", "preact")
 QUICK: dict[str, Any] = dict(
@@ -148,12 +148,7 @@ def analyse(sm, x, y, s: dict, keys: dict) -> dict[str, pd.DataFrame]:
 def main(argv: list[str] | None = None) -> Path:
     """Run the paths study; returns the run folder."""
     from ..report import new_run
-    args = build_parser().parse_args(argv)
-    s = scale_settings(args, QUICK, PAPER)
-    device = resolve_device(args.device)
-    data = evaluation_data(args, s)
-    config = {**s, "scale": args.scale, "seeds": list(args.seeds), "checkpoints": list(args.checkpoints),
-              "weights": args.weights, "device": device.type}
+    args, s, device, data, config = open_analysis(build_parser(), argv, QUICK, PAPER)
     with new_run("paths", out=args.out, config=config, data=data.provenance, source_file=__file__, argv=argv,
                  title="Paths study: gradient per path length (Veit et al. 2016, Fig. 6)") as run:
         tables: dict[str, list[pd.DataFrame]] = {}

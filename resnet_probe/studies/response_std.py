@@ -26,7 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .options import resolve_device, scale_settings, set_threads, study_parser
+from .options import (add_imagenet_arguments, add_load_arguments, resolve_device, scale_settings,
+                      set_threads, study_parser)
 
 QUICK: dict[str, Any] = dict(n_examples=1000,     # test images the responses are measured on
                              batch_size=250)      # images per forward pass
@@ -94,16 +95,6 @@ def _sources(args) -> list[tuple[str, int | None]]:
     return out
 
 
-def _label(info: dict) -> str:
-    if info["kind"] == "project":
-        return info["arch"]
-    if info["kind"] == "torchvision-weights":
-        return f"{info['arch']} {info['hparams']['weights'].split('.')[-1]}"
-    if info["kind"] == "torchvision-random":
-        return f"{info['arch']} (random init)"
-    return f"{info['arch']} ({Path(info['path']).name})"
-
-
 def _images(args, settings: dict):
     """Evaluation images (normalised) and the data provenance."""
     from ..data import normalize, random_subset
@@ -120,23 +111,6 @@ def _images(args, settings: dict):
     return normalize(source.test_images[idx]), prov
 
 
-def _add_model_options(p) -> None:
-    """Loading options, the same flags as ``checkpoints.add_load_arguments`` and ``imagenet.add_imagenet_arguments``
-    (declared here so that ``--help`` answers without importing torch)."""
-    p.add_argument("--arch", default=None, help="torchvision architecture of state_dict files, e.g. resnet50 "
-                                                "(default: inferred from the keys)")
-    p.add_argument("--allow-unsafe-load", dest="allow_unsafe_load", action="store_true",
-                   help="load files that need arbitrary unpickling; this can execute code from the file, so "
-                        "only use it for files from a source you trust")
-    p.add_argument("--weights", default=None, metavar="NAME",
-                   help="torchvision weights for torchvision:ARCH models (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), "
-                        "read from torch.hub.get_dir()/checkpoints/; default: random weights")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="with --data imagefolder=PATH: evaluate a seeded random subset of N images")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download missing torchvision weights")
-
-
 def main(argv: list[str] | None = None) -> Path:
     """Measure per-layer response std of every model given; returns the run folder."""
     p = study_parser("response_std", "He et al. Fig. 7: std of each branch layer's response (after BN, before "
@@ -146,7 +120,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--zoo", metavar="RUN_DIR", action="append", default=None,
                    help="a train_zoo run folder: measure every model in it (repeatable)")
     p.add_argument("--n-examples", dest="n_examples", type=int, default=None, help="evaluation images")
-    _add_model_options(p)
+    add_load_arguments(p)
+    add_imagenet_arguments(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
     settings = scale_settings(args, QUICK, PAPER)
@@ -156,6 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     import pandas as pd
     import torch
     from ..report import new_run
+    from .analysis_inputs import model_label
     from .imagenet import load_study_model
     images, data = _images(args, settings)
     config = {**settings, "scale": args.scale, "models": [s for s, _ in sources], "weights": args.weights,
@@ -170,9 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
                 model, info = load_study_model(src, weights=args.weights, arch=args.arch,
                                                allow_unsafe=args.allow_unsafe_load, download=args.download)
             seed = int(info["hparams"].get("seed", seed))
-            print(f"response_std: {_label(info)} seed {seed}", flush=True)
+            print(f"response_std: {model_label(info)} seed {seed}", flush=True)
             df = layer_responses(model, images, settings["batch_size"], device)
-            for col, v in reversed(list({"run": run.path.name, "seed": seed, "model": _label(info)}.items())):
+            for col, v in reversed(list({"run": run.path.name, "seed": seed, "model": model_label(info)}.items())):
                 df.insert(0, col, v)
             df["family"] = info["hparams"].get("family", info["arch"])
             df["depth"] = info["hparams"].get("depth", -1)

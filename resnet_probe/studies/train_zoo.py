@@ -267,6 +267,63 @@ def describe(settings: dict, seeds) -> str:
             f"{tests} test images.")
 
 
+def parse_zoo_study(name: str, description: str, zoo_help: str, argv: list[str] | None,
+                    quick: dict, paper: dict) -> tuple[argparse.Namespace, dict]:
+    """Parse a downstream study's command line (common options, ``--zoo RUN_DIR``, the training
+    options) and set the thread count; returns the arguments and the scale's settings."""
+    p = study_parser(name, description)
+    p.add_argument("--zoo", metavar="RUN_DIR", default=None, help=zoo_help)
+    add_training_options(p)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    return args, scale_settings(args, quick, paper)
+
+
+class ZooInput:
+    """The trained nets a downstream study (degradation, gradients) reads: a ``--zoo`` run or nets trained here.
+
+    Build it from the parsed arguments before the study's run folder exists (``data`` and ``config``
+    go into its provenance), then call ``tables(run)`` inside the run.
+
+    Args:
+        args: parsed study arguments (``zoo``, ``data``, ``seeds``, ``scale``, ``device``).
+        settings: the scale's training settings.
+        needs: the table a ``--zoo`` run must hold.
+
+    Raises:
+        ValueError: the ``--zoo`` run lacks the ``needs`` table.
+    """
+
+    def __init__(self, args: argparse.Namespace, settings: dict, needs: str):
+        from ..report import open_run
+        self.args, self.settings = args, settings
+        self.zoo = open_run(args.zoo) if args.zoo else None
+        if self.zoo is not None:
+            if needs not in self.zoo.tables:
+                raise ValueError(f"{args.zoo}: the train_zoo run has no {needs!r} table")
+            self.source = None
+            self.data = self.zoo.provenance.get("data")
+            self.config = {"zoo": str(self.zoo.path.resolve()), "zoo_config": self.zoo.provenance.get("config")}
+        else:
+            self.source = resolve_data(args.data, *data_sizes(settings))
+            self.data = self.source.provenance()
+            self.config = {**settings, "scale": args.scale, "seeds": list(args.seeds)}
+
+    def tables(self, run, what: str, extra: str = "") -> dict[str, "pd.DataFrame"]:
+        """The zoo's tables (``curves``, ``final``, ``gradients``), read or trained into ``run``.
+
+        Args:
+            run: the study's run; its Setup section says where ``what`` came from, plus ``extra``.
+        """
+        if self.zoo is not None:
+            run.add_text("Setup", f"{what} read from the train_zoo run `{self.zoo.path}`.{extra}")
+            return {name: self.zoo.table(name) for name in ("curves", "final", "gradients")
+                    if name in self.zoo.tables}
+        run.add_text("Setup", describe(self.settings, self.args.seeds) + extra)
+        device = resolve_device(self.args.device).type
+        return train_models(run, self.source, self.settings, self.args.seeds, device)
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Train the zoo and write its run folder; returns the folder."""
     p = study_parser("train_zoo", "Train plain / highway / residual CIFAR nets over depths and seeds; "
