@@ -24,12 +24,14 @@ import torch
 
 from benchmarks.harness import device_name, median_time, record, resolve_device
 from resnet_probe.lesion import evaluate_deletion_sets
+from resnet_probe.lesion.engine import DEFAULT_MAX_BATCH
 from resnet_probe.models import build_model
 
 SIZES = {
-    # images, examples per chunk, most rows per batched pass, k values, sets per k,
+    # images, examples per chunk, most rows per batched pass (None: the engine's default for the
+    # device), k values, sets per k,
     # and how many k-sweep sets the (slow) loop times, its total extrapolated from them
-    "small": dict(images=64, batch_size=64, max_batch=2048, ks=(1, 2, 3, 4, 5), sets_per_k=4,
+    "small": dict(images=64, batch_size=64, max_batch=None, ks=(1, 2, 3, 4, 5), sets_per_k=4,
                   loop_sets=20),
     "paper": dict(images=10000, batch_size=1000, max_batch=16384, ks=tuple(range(1, 21)),
                   sets_per_k=50, loop_sets=100),
@@ -75,7 +77,9 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     size = args.size or ("paper" if device.type == "cuda" else "small")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    cfg = SIZES[size]
+    cfg = dict(SIZES[size])
+    if cfg["max_batch"] is None:
+        cfg["max_batch"] = DEFAULT_MAX_BATCH.get(device.type, DEFAULT_MAX_BATCH["cpu"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ class SweepOptions:
 
     Attributes:
         batch_size: examples per chunk.
-        max_batch: most rows (examples x variants) in one batched forward pass.
+        max_batch: most rows (examples x variants) in one batched forward pass (``None``: by device).
         n_resamples: bootstrap resamples per confidence interval.
         confidence_level: of the bootstrap intervals.
         ci_method: ``percentile``, ``basic`` or ``BCa``.
@@ -25,7 +25,7 @@ class SweepOptions:
     """
 
     batch_size: int = 256
-    max_batch: int = 4096
+    max_batch: int | None = None
     n_resamples: int = 200
     confidence_level: float = 0.95
     ci_method: str = "percentile"
