@@ -12,9 +12,9 @@ Scales: ``quick`` trains plain and residual nets of depths 8 and 20 and a highwa
 few thousand training images for 3 epochs with the one-cycle ``fast`` recipe (CPU, minutes); ``paper`` is He et al. 2016's recipe (45k/5k split, crop + flip,
 SGD 0.1 /10 at 32k and 48k, 64k iterations) for depths 20, 32, 44, 56 and 110, for a GPU.
 
-Result at quick scale (2 AMD EPYC cores shared with other jobs (load average 4-5), 1 torch thread, JPEG pack,
-seed 0; measured 2026-11-23): training took 23 s (plain-8), 63 s (plain-20), 97 s (highway-20), 27 s
-(residual-8) and 62 s (residual-20); final train / test error 59.0 / 57.3 % (plain-8), 65.6 / 62.3 %
+Result at quick scale (2 idle AMD EPYC cores, 1 torch thread, JPEG pack, seed 0; measured 2026-11-23):
+training took 22 s (plain-8), 60 s (plain-20), 93 s (highway-20), 22 s (residual-8) and 62 s
+(residual-20); final train / test error 59.0 / 57.3 % (plain-8), 65.6 / 62.3 %
 (plain-20), 66.3 / 65.6 % (highway-20), 57.3 / 55.8 % (residual-8) and 57.2 / 54.0 % (residual-20), on 4,000
 training and 1,000 test images after 3 epochs (189 steps).
 """
