@@ -1,11 +1,14 @@
 """Lesion sweeps: the batched engine against a naive loop of ``lesion`` context-manager evaluations.
 
 Measured on ResNet-110 (residual, option A, 54 blocks) with random weights and random images
-(the cost does not depend on either), both paths in the same run, same metrics computed:
+(the cost does not depend on either; BN running statistics are set from the images first, so that
+logits have a trained net's scale), both paths in the same run, same metrics computed:
 
 - the single-block sweep (54 deletion sets): prefix cache + per-sample gates vs 54 full forward
   passes under ``with lesion(model, [i])``;
-- a k-deletion sweep (paper: k = 1..20, 50 random sets each; small: fewer): batched vs loop.
+- a k-deletion sweep (paper: k = 1..20, 50 random sets each; small: fewer): batched vs loop;
+- the batched sweeps again with BN folded into the convolutions (``fold_bn=True``), and one
+  evaluation pass of the intact net with BN as is and folded.
 
 Each row reports the engine's and the loop's median time, their ratio, and whether the two paths
 gave the same per-example predictions and losses (bitwise on CPU). Issue targets on one H100:
@@ -22,10 +25,10 @@ import contextlib
 import numpy as np
 import torch
 
-from benchmarks.harness import device_name, median_time, record, resolve_device
+from benchmarks.harness import calibrate_batchnorm, device_name, median_time, record, resolve_device
 from resnet_probe.lesion import evaluate_deletion_sets
 from resnet_probe.lesion.engine import DEFAULT_MAX_BATCH
-from resnet_probe.models import build_model
+from resnet_probe.models import build_model, fold_batchnorm
 
 SIZES = {
     # images, examples per chunk, most rows per batched pass (None: the engine's default for the
@@ -39,12 +42,12 @@ SIZES = {
 
 
 def _case(rows, name, model, sets, x, y, cfg, repeats, device, loop_sets=None):
-    """Time the batched engine on ``sets`` and the loop on ``loop_sets`` of them; add one row."""
+    """Time the batched engine on ``sets`` (BN as is and folded) and the loop on ``loop_sets`` of them."""
     kw = dict(batch_size=cfg["batch_size"], max_batch=cfg["max_batch"])
     out = {}
 
-    def batched():
-        out["batched"] = evaluate_deletion_sets(model, sets, x, y, engine="batched", **kw)
+    def batched(fold_bn=False):
+        out[f"batched{fold_bn}"] = evaluate_deletion_sets(model, sets, x, y, engine="batched", fold_bn=fold_bn, **kw)
 
     loop_subset = sets if loop_sets is None else sets[:loop_sets]
 
@@ -53,16 +56,35 @@ def _case(rows, name, model, sets, x, y, cfg, repeats, device, loop_sets=None):
 
     warmup = 1 if torch.device(device).type == "cuda" else 0  # CPU: no lazy initialisation to hide
     t_batched = median_time(batched, repeats=repeats, warmup=warmup, device=device)["median_ms"]
+    t_folded = median_time(lambda: batched(True), repeats=repeats, warmup=warmup, device=device)["median_ms"]
     t_loop = median_time(loop, repeats=repeats, warmup=0, device=device)["median_ms"]
     t_loop_total = t_loop * len(sets) / len(loop_subset)
-    a, b = out["batched"], out["loop"]
+    a, f, b = out["batchedFalse"], out["batchedTrue"], out["loop"]
     m = len(loop_subset)
     rows.append({
         "case": name, "images": len(x), "sets": len(sets), "batched_ms": t_batched,
-        "loop_ms": t_loop_total, "loop_sets_timed": m, "speedup": t_loop_total / t_batched,
+        "batched_bn_folded_ms": t_folded, "loop_ms": t_loop_total, "loop_sets_timed": m,
+        "speedup": t_loop_total / t_batched, "speedup_bn_folded": t_loop_total / t_folded,
         "same_predictions": bool(np.array_equal(a.error[:m], b.error)),
         "max_abs_loss_diff": float(np.abs(a.loss[:m] - b.loss).max()),
+        "bn_folded_max_abs_loss_diff": float(np.abs(f.loss[:m] - b.loss).max()),
     })
+
+
+def _evaluation(rows, model, x, cfg, repeats, device) -> None:
+    """Time one pass of the intact model over the images, BN as is and folded into the convolutions."""
+    folded = fold_batchnorm(model)
+
+    def run(net):
+        with torch.no_grad():
+            for i in range(0, len(x), cfg["batch_size"]):
+                net(x[i:i + cfg["batch_size"]])
+
+    warmup = 1 if torch.device(device).type == "cuda" else 0
+    t = {name: median_time(lambda net=net: run(net), repeats=max(repeats, 3), warmup=warmup,
+                           device=device)["median_ms"] for name, net in (("as_is", model), ("folded", folded))}
+    rows.append({"case": "evaluation of the intact net", "images": len(x), "sets": 1, "eval_ms": t["as_is"],
+                 "eval_bn_folded_ms": t["folded"], "speedup_bn_folded": t["as_is"] / t["folded"]})
 
 
 def main(argv=None) -> None:
@@ -83,11 +105,12 @@ def main(argv=None) -> None:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     torch.manual_seed(0)
-    model = build_model("residual", 110).to(device).eval()
+    model = build_model("residual", 110).to(device)
     n = sum(len(s) for s in model.stages)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["images"], 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (cfg["images"],), generator=g).to(device)
+    calibrate_batchnorm(model, x, cfg["batch_size"])
 
     rows: list[dict] = []
     with autocast:
@@ -101,6 +124,7 @@ def main(argv=None) -> None:
 
 
 def _measure(rows, model, n, x, y, cfg, repeats, device) -> None:
+    _evaluation(rows, model, x, cfg, repeats, device)
     _case(rows, "single-block sweep", model, [[i] for i in range(n)], x, y, cfg, repeats, device)
     rng = np.random.default_rng(0)
     k_sets = [sorted(rng.choice(n, size=k, replace=False).tolist())

@@ -25,7 +25,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import device_name, median_time, peak_memory, record, resolve_device
+from benchmarks.harness import calibrate_batchnorm, device_name, median_time, peak_memory, record, resolve_device
 from resnet_probe.models import build_model
 from resnet_probe.probes import probe
 
@@ -109,10 +109,7 @@ def main(argv=None) -> None:
     n_small, n_large = cfg["n_eval"]
     images = torch.randn(n_large, 3, 32, 32, generator=g).to(device)
     b = cfg["eval_batch"]
-    with torch.no_grad():  # BN running statistics of these images
-        for i in range(0, min(n_large, 8 * b), b):
-            model(images[i:i + b])
-    model.eval()
+    calibrate_batchnorm(model, images, b)
     rows = []
     evals = _interleaved({
         "eval, no probe": lambda: _evaluate(model, images, b),

@@ -13,7 +13,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -68,6 +67,21 @@ def _child_peak(fn, conn) -> None:
     conn.close()
 
 
+def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch: int, batches: int = 8) -> None:
+    """Set every BatchNorm's running statistics to the average over ``batches`` batches of ``images``
+    (train-mode forwards, cumulative averaging), then put the model in eval mode: random weights then
+    give normalised activations and logits of a trained net's scale."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, min(len(images), batches * batch), batch):
+            model(images[i:i + batch])
+    model.eval()
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
     """Peak memory growth in bytes while ``fn()`` runs.
 
@@ -113,11 +127,9 @@ def environment(device: torch.device | str) -> dict:
     """Hardware, versions, date and git revision for a result file."""
     import pytorch_lightning
     import torchvision
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        rev = "unknown"
+    from resnet_probe.report.provenance import git_revision
+    git = git_revision(Path(__file__).parent)
+    rev = (git.get("revision") or "unknown")[:7] + ("+uncommitted changes" if git.get("dirty") else "")
     return {
         "device": str(device), "hardware": device_name(device), "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..models import anatomy
 from ..models.anatomy import Anatomy, check_lesion_mode
+from ..models.fold import fold_batchnorm
 from .context import check_order, evaluation, lesion, reordered, resolve_blocks
 from .inputs import as_tensors, example_chunks
 
@@ -60,7 +61,8 @@ class SetMetrics:
 
 def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tensor | None = None, *,
                            mode: str = "zero_branch", batch_size: int = 256, max_batch: int | None = None,
-                           engine: str = "batched", return_logits: bool = False) -> SetMetrics:
+                           engine: str = "batched", fold_bn: bool = False,
+                           return_logits: bool = False) -> SetMetrics:
     """Per-example error, loss and KL of the model with each set of blocks deleted.
 
     Args:
@@ -75,6 +77,9 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
             device (``DEFAULT_MAX_BATCH``).
         engine: ``batched`` (prefix cache + per-sample gates) or ``loop`` (one ``lesion`` context
             per set, the reference path).
+        fold_bn: evaluate a copy with BatchNorm folded into the convolutions
+            (``models.fold.fold_batchnorm``): fewer passes over the activations; the same logits up
+            to float rounding.
         return_logits: keep every variant's logits in the result.
 
     Returns:
@@ -88,13 +93,13 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
     for row, idx in zip(deleted, sets):
         row[idx] = True
     order = np.tile(np.arange(n), (len(sets), 1))
-    return _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch, engine,
+    return _evaluate(model, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
                      return_logits)
 
 
 def evaluate_orders(model: nn.Module, orders, data, y: torch.Tensor | None = None, *,
                     batch_size: int = 256, max_batch: int | None = None, engine: str = "batched",
-                    return_logits: bool = False) -> SetMetrics:
+                    fold_bn: bool = False, return_logits: bool = False) -> SetMetrics:
     """Per-example error, loss and KL of the model with its blocks run in each given order.
 
     Args:
@@ -108,14 +113,17 @@ def evaluate_orders(model: nn.Module, orders, data, y: torch.Tensor | None = Non
     anat = anatomy(model)
     order = np.array([check_order(anat, o) for o in orders], dtype=np.int64).reshape(-1, len(anat.blocks))
     deleted = np.zeros(order.shape, dtype=bool)
-    return _evaluate(model, anat, order, deleted, data, y, "zero_branch", batch_size, max_batch,
-                     engine, return_logits)
+    return _evaluate(model, order, deleted, data, y, "zero_branch", batch_size, max_batch, engine,
+                     fold_bn, return_logits)
 
 
-def _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch, engine,
+def _evaluate(model, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
               return_logits) -> SetMetrics:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
+    if fold_bn:
+        model = fold_batchnorm(model)
+    anat = anatomy(model)
     x, y = as_tensors(data, y)
     device = next(model.parameters()).device
     if max_batch is None:

@@ -87,5 +87,5 @@ def reorder_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k_swaps=(1
                          "moved": "+".join(anat.blocks[b].name for pos, b in enumerate(order) if pos != b),
                          "kendall_tau": kendall_tau(order)})
     metrics = evaluate_orders(model, orders, x, y, batch_size=opts.batch_size,
-                              max_batch=opts.max_batch, engine=opts.engine)
+                              max_batch=opts.max_batch, engine=opts.engine, fold_bn=opts.fold_bn)
     return metrics_table(meta, metrics, opts, seed)

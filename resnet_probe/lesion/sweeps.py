@@ -7,7 +7,7 @@ bounds ``*_lo`` / ``*_hi`` over the test examples. ``df.attrs`` holds the intact
 and loss. The model is evaluated in eval mode and its previous mode restored.
 
 Extra keyword ``options`` of every sweep: ``max_batch``, ``confidence_level``, ``ci_method``,
-``engine`` (see ``SweepOptions``).
+``engine``, ``fold_bn`` (see ``SweepOptions``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _joined(anat, idx) -> str:
 def _deletion_table(model, sets, meta, x, y, mode, seed, options, **attrs) -> pd.DataFrame:
     anat = anatomy(model)
     metrics = evaluate_deletion_sets(model, sets, x, y, mode=mode, batch_size=options.batch_size,
-                                     max_batch=options.max_batch, engine=options.engine)
+                                     max_batch=options.max_batch, engine=options.engine,
+                                     fold_bn=options.fold_bn)
     for m, s in zip(meta, sets):
         m.setdefault("deleted", _joined(anat, s))
         m.setdefault("k", len(s))

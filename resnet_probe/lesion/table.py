@@ -22,6 +22,7 @@ class SweepOptions:
         confidence_level: of the bootstrap intervals.
         ci_method: ``percentile``, ``basic`` or ``BCa``.
         engine: ``batched`` or ``loop`` (the one-variant-at-a-time reference path).
+        fold_bn: evaluate with BatchNorm folded into the convolutions (same logits up to rounding).
     """
 
     batch_size: int = 256
@@ -30,6 +31,7 @@ class SweepOptions:
     confidence_level: float = 0.95
     ci_method: str = "percentile"
     engine: str = "batched"
+    fold_bn: bool = False
 
 
 def metrics_table(meta: list[dict], metrics: SetMetrics, options: SweepOptions, seed: int,

@@ -3,6 +3,8 @@ from .anatomy import LESION_MODES, Anatomy, BlockAnatomy, anatomy, check_lesion_
 from .blocks import SHORTCUT_OPTIONS
 from .grouped import GroupedCifarNet, grouped_cross_entropy
 from .cifar import FAMILIES, CifarNet, blocks_per_stage, build_model, count_parameters, default_gate_bias
+from .fold import count_batchnorms, fold_batchnorm
 
 __all__ = ["Anatomy", "BlockAnatomy", "CifarNet", "FAMILIES", "GroupedCifarNet", "grouped_cross_entropy", "LESION_MODES", "SHORTCUT_OPTIONS",
-           "anatomy", "blocks_per_stage", "check_lesion_mode", "build_model", "count_parameters", "default_gate_bias"]
+           "anatomy", "blocks_per_stage", "check_lesion_mode", "build_model", "count_batchnorms", "count_parameters",
+           "default_gate_bias", "fold_batchnorm"]

@@ -1,0 +1,68 @@
+"""Folding BatchNorm into the convolutions gives the same network, on which lesions and probes still work."""
+import pytest
+import torch
+import torchvision
+
+from resnet_probe.lesion import evaluate_deletion_sets, single_block_sweep
+from resnet_probe.models import anatomy, build_model
+from resnet_probe.models.fold import count_batchnorms, fold_batchnorm
+from resnet_probe.probes import probe
+
+from test_lesion_context import _images, _randomise_bn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+MODELS = {  # name: (constructor, BatchNorms left after folding)
+    "plain-14": (lambda: build_model("plain", 14), 0),
+    "residual-14 option B": (lambda: build_model("residual", 14, option="B"), 0),
+    "highway-14": (lambda: build_model("highway", 14), 0),
+    "preact-14": (lambda: build_model("preact", 14), 6 + 1),  # each block's first BN and the head's precede no conv
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 0),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 0),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_folded_network_computes_the_same_logits_without_batchnorm(name):
+    build, left = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    _randomise_bn(model)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _images(3, 32 if not name.startswith("resnet") else 64)
+    folded = fold_batchnorm(model)
+    assert count_batchnorms(folded) == left < count_batchnorms(model)
+    with torch.no_grad():
+        ref = model(x)  # rounding differences grow with the logits' scale (about 100 for resnet50 here)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(fold_batchnorm(model.double())(x.double()), model(x.double()),
+                                   rtol=1e-10, atol=1e-12)
+    model.float()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    assert anatomy(folded).names == anatomy(model).names
+
+
+def test_lesion_sweep_and_probe_on_the_folded_copy_match_the_original():
+    torch.manual_seed(1)
+    model = build_model("residual", 20)
+    _randomise_bn(model)
+    model.eval()
+    folded = fold_batchnorm(model)
+    x, y = _images(6, 32), torch.arange(6)
+    sets = [[], [0], [4], [2, 5], [3, 6, 7]]
+    ref = evaluate_deletion_sets(model, sets, x, y, return_logits=True)
+    for fast in (evaluate_deletion_sets(folded, sets, x, y, return_logits=True),
+                 evaluate_deletion_sets(model, sets, x, y, return_logits=True, fold_bn=True)):
+        torch.testing.assert_close(fast.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert count_batchnorms(model) > 0  # fold_bn=True evaluated a folded copy
+    sweeps = [single_block_sweep(model, x, y, n_resamples=20, fold_bn=fold) for fold in (False, True)]
+    assert list(sweeps[0]["block"]) == list(sweeps[1]["block"]) == anatomy(model).names
+    torch.testing.assert_close(torch.tensor(sweeps[1]["loss"].to_numpy()), torch.tensor(sweeps[0]["loss"].to_numpy()),
+                               rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), probe(model, sites="*.branch") as a, probe(folded, sites="*.branch") as b:
+        model(x)
+        folded(x)
+    for site in a.sites:
+        torch.testing.assert_close(b.stats[site].channel_std, a.stats[site].channel_std, rtol=1e-4, atol=1e-6)
