@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -123,13 +124,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git_revision() -> str:
+    """Short commit of this checkout, ``+uncommitted changes`` when tracked files outside
+    ``benchmarks/results/`` differ from it (the results written so far do not count)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+uncommitted changes" if dirty else "")
+
+
 def environment(device: torch.device | str) -> dict:
     """Hardware, versions, date and git revision for a result file."""
     import pytorch_lightning
     import torchvision
-    from resnet_probe.report.provenance import git_revision
-    git = git_revision(Path(__file__).parent)
-    rev = (git.get("revision") or "unknown")[:7] + ("+uncommitted changes" if git.get("dirty") else "")
+    rev = _git_revision()
     return {
         "device": str(device), "hardware": device_name(device), "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
