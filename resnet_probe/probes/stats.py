@@ -14,7 +14,7 @@ Definitions (``x`` the values of one channel, ``n`` their count; channel = dim 1
 
 Each batch is first reduced in the activation's own precision (float32 for float32 / bfloat16 /
 float16 activations, float64 for float64) to one sum and one sum of squares per channel, then added
-to the float64 accumulators. Two reductions exist (see ``batch_moments``): *centred* pieces, exact
+to the float64 accumulators. Two reductions exist (see ``batch_moments``): *centred* pieces, accurate
 whatever the mean, and *raw* sums, one read cheaper, used only where the squared mean is a small
 part of the second moment (``mean_share``). Sums and counts merge exactly (``merge``), and
 ``all_reduce`` sums them over the ranks of ``torch.distributed`` before any division: never a mean
