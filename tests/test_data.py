@@ -294,6 +294,10 @@ def test_resident_loader_on_cpu_yields_every_example_once_per_epoch_normalised()
     shards = [torch.cat([y for _, y in ResidentLoader(images, labels, 64, shuffle=True, seed=0, num_classes=300,
                                                       shard=r, num_shards=2)]) for r in range(2)]
     assert torch.equal(torch.cat(shards).sort().values, torch.arange(300))   # ranks split each epoch
+    uneven = [ResidentLoader(images[:299], labels[:299], 64, num_classes=300, shard=r, num_shards=3,
+                             even_shards=False, restart=True) for r in range(3)]
+    assert [u.examples_per_epoch for u in uneven] == [100, 100, 99]        # evaluation: no example dropped
+    assert torch.equal(torch.cat([y for u in uneven for _, y in u]).sort().values, torch.arange(299))
 
 
 def test_resident_loader_augments_each_image_by_its_own_window():

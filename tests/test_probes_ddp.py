@@ -101,31 +101,40 @@ _LIGHTNING_SCRIPT = textwrap.dedent('''
     from resnet_probe.probes.callback import ProbeCallback
 
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g)
-    train = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=4)
-    val = DataLoader(TensorDataset(x[16:], y[16:]), batch_size=4)
+    if sys.argv[2] == "dataloader":  # torch DataLoaders: Lightning gives each rank its part
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g)
+        data = dict(train_dataloaders=DataLoader(TensorDataset(x[:16], y[:16]), batch_size=4),
+                    val_dataloaders=DataLoader(TensorDataset(x[16:], y[16:]), batch_size=4))
+        val_images = x[16:]
+    else:  # the data module's resident loaders shard by rank themselves; 31 images split 16 / 15
+        from resnet_probe.data import CifarDataModule, make_synthetic, normalize
+        dm = CifarDataModule.from_source(make_synthetic(n_train=64, n_test=8, seed=0), val_size=31,
+                                         train_limit=16, batch_size=4, eval_batch_size=8, seed=0)
+        data = dict(datamodule=dm)
+        val_images = normalize(dm.splits()["val"][0])
     module = CifarClassifier(family="residual", depth=8, recipe="fast", epochs=1, seed=0)
     trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, default_root_dir=out / "run",  # the run folder
                          callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=1)])
-    trainer.fit(module, train, val)
+    trainer.fit(module, **data)
     rank = trainer.global_rank
     if rank == 0:
         torch.save(module.model.state_dict(), out / "weights.pt")
-        torch.save(x[16:], out / "val.pt")
+        torch.save(val_images, out / "val.pt")
     recording[0] = False
     files = sorted(set(written))
     (out / f"written-rank{rank}.json").write_text(json.dumps(files))
 ''')
 
 
-def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("data", ["dataloader", "resident"])
+def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(tmp_path, data):
     script = tmp_path / "fit_ddp.py"
     script.write_text(_LIGHTNING_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(_free_port()))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), data], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -177,11 +177,11 @@ class CifarDataModule(pl.LightningDataModule):
         augment = hp.augment and train
         if self.loader_kind == "resident":
             images, labels = self._on_device(split)
-            shard, num_shards = self._shards() if train else (0, 1)
+            shard, num_shards = self._shards()
             return ResidentLoader(images, labels, batch_size, shuffle=train, augment=augment,
                                   drop_last=hp.drop_last and train, seed=hp.seed,
                                   num_classes=self.num_classes, shard=shard, num_shards=num_shards,
-                                  restart=not train)
+                                  even_shards=train, restart=not train)
         images, labels = self.splits()[split]
         return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=train,
                           drop_last=hp.drop_last and train, num_workers=hp.num_workers,

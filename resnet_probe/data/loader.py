@@ -41,7 +41,10 @@ class ResidentLoader:
         padding: crop padding (4 in He et al. 2016).
         mean, std: normalisation statistics of ``x / 255``.
         shard, num_shards: under data parallelism, rank ``shard`` takes every ``num_shards``-th
-            example of each epoch's order (trimmed so all ranks see equally many).
+            example of each epoch's order.
+        even_shards: trim the shards so that all ranks see equally many examples (training: the
+            ranks step together); ``False`` keeps every example in exactly one shard, shards then
+            differing by at most one (evaluation: sums over ranks cover the set once).
         restart: every pass starts at the first batch of the same epoch, whatever the previous pass
             read (evaluation loaders: Lightning's sanity check reads a few validation batches and
             stops; the first real validation must still see them all).
@@ -54,7 +57,7 @@ class ResidentLoader:
                  device: torch.device | str | None = None, num_classes: int | None = None,
                  padding: int = PADDING, mean: tuple[float, ...] = CIFAR_MEAN,
                  std: tuple[float, ...] = CIFAR_STD, shard: int = 0, num_shards: int = 1,
-                 restart: bool = False):
+                 even_shards: bool = True, restart: bool = False):
         if num_classes is None and isinstance(labels, torch.Tensor) and labels.numel():
             num_classes = int(labels.max()) + 1
         check_images_labels(images, labels, num_classes or 1, "loader", image_shape=None)
@@ -68,7 +71,8 @@ class ResidentLoader:
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.seed, self.padding, self.mean, self.std = seed, padding, tuple(mean), tuple(std)
         self.shard, self.num_shards, self.restart = shard, num_shards, restart
-        self.examples_per_epoch = len(images) // num_shards if num_shards > 1 else len(images)
+        self.examples_per_epoch = (len(images) // num_shards if even_shards
+                                   else len(range(shard, len(images), num_shards)))
         if self.examples_per_epoch == 0 or len(self) == 0:
             raise ValueError(f"{len(images)} examples give no batch of {batch_size} "
                              f"(drop_last={drop_last}, num_shards={num_shards})")
