@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.harness import calibrate_batchnorm, device_name, median_time, record, resolve_device
 from resnet_probe.lesion import evaluate_deletion_sets
-from resnet_probe.lesion.engine import DEFAULT_MAX_BATCH
+from resnet_probe.lesion.engine import default_max_batch
 from resnet_probe.models import build_model, fold_batchnorm
 
 SIZES = {
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     cfg = dict(SIZES[size])
     if cfg["max_batch"] is None:
-        cfg["max_batch"] = DEFAULT_MAX_BATCH.get(device.type, DEFAULT_MAX_BATCH["cpu"])
+        cfg["max_batch"] = default_max_batch(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     torch.manual_seed(0)

@@ -38,6 +38,11 @@ ENGINES = ("batched", "loop")
 DEFAULT_MAX_BATCH = {"cuda": 4096, "cpu": 256}
 
 
+def default_max_batch(device: torch.device) -> int:
+    """Rows per batched pass on ``device`` (``DEFAULT_MAX_BATCH``; other devices as a CPU)."""
+    return DEFAULT_MAX_BATCH.get(device.type, DEFAULT_MAX_BATCH["cpu"])
+
+
 @dataclass(frozen=True)
 class SetMetrics:
     """Per-example metrics of ``S`` variants of a model over ``N`` examples.
@@ -93,7 +98,7 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
     for row, idx in zip(deleted, sets):
         row[idx] = True
     order = np.tile(np.arange(n), (len(sets), 1))
-    return _evaluate(model, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
+    return _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
                      return_logits)
 
 
@@ -113,21 +118,21 @@ def evaluate_orders(model: nn.Module, orders, data, y: torch.Tensor | None = Non
     anat = anatomy(model)
     order = np.array([check_order(anat, o) for o in orders], dtype=np.int64).reshape(-1, len(anat.blocks))
     deleted = np.zeros(order.shape, dtype=bool)
-    return _evaluate(model, order, deleted, data, y, "zero_branch", batch_size, max_batch, engine,
+    return _evaluate(model, anat, order, deleted, data, y, "zero_branch", batch_size, max_batch, engine,
                      fold_bn, return_logits)
 
 
-def _evaluate(model, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
+def _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
               return_logits) -> SetMetrics:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
-    if fold_bn:
+    if fold_bn:  # the folded copy has the same blocks, in the same order, under the same names
         model = fold_batchnorm(model)
-    anat = anatomy(model)
+        anat = anatomy(model)
     x, y = as_tensors(data, y)
     device = next(model.parameters()).device
     if max_batch is None:
-        max_batch = DEFAULT_MAX_BATCH.get(device.type, DEFAULT_MAX_BATCH["cpu"])
+        max_batch = default_max_batch(device)
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive; got {max_batch}")
     parts = {k: [] for k in ("error", "loss", "kl", "intact_error", "intact_loss", "logits")}
