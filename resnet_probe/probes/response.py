@@ -48,7 +48,7 @@ class ResponseProbe:
         self.saturated: dict[str, torch.Tensor | None] = {s.name: None for s in self.sites
                                                           if s.kind == "gate"}
         self.raw: dict[str, list[torch.Tensor]] | None = {s.name: [] for s in self.sites} if raw else None
-        self.watch_index = {s.name: watch.register(s.name) for s in self.sites}
+        self.watch_first = [watch.register(s.name) for s in self.sites][0]  # sites are registered consecutively
         self.watch = watch
         self.active = True
         self.armed = True
@@ -158,8 +158,7 @@ class ResponseProbe:
         if dev is None:
             return
         empty = torch.zeros((), dtype=torch.float64, device=dev)
-        self.watch.check_all(self.watch_index[self.sites[0].name],
-                             [empty if m is None else m for m in held])
+        self.watch.check_all(self.watch_first, [empty if m is None else m for m in held])
 
     def _count_saturated(self, name: str, t: torch.Tensor) -> None:
         lo, hi = SATURATION
