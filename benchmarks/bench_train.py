@@ -145,25 +145,13 @@ def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | 
     return clock.result()
 
 
-def _memory(fn, device) -> int:
-    """``peak_memory(fn)``; on the CPU the forked child runs single-threaded, because an OpenMP
-    thread pool that the parent has used does not survive ``fork`` (the child would hang)."""
-    if device.type == "cuda":
-        return peak_memory(fn, device)
-
-    def single_threaded():
-        torch.set_num_threads(1)
-        fn()
-    return peak_memory(single_threaded, device)
-
-
 def _timed_with_memory(run, short_run, device) -> tuple[dict, int]:
     """``run()``'s timing and peak memory: the same run on CUDA, a forked ``short_run`` on the CPU."""
     if device.type == "cuda":
         out = []
-        mem = _memory(lambda: out.append(run()), device)
+        mem = peak_memory(lambda: out.append(run()), device)
         return out[0], mem
-    return run(), _memory(short_run, device)
+    return run(), peak_memory(short_run, device)
 
 
 def _row(arch: str, variant: str, models: int, batch: int, timing: dict, mem: int) -> dict:
@@ -203,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         naive = median_time(lambda: [step() for _ in range(window)], repeats=repeats, warmup=1, device=device)
         naive = {k: v / window if k.endswith("_ms") else v for k, v in naive.items()}
         short = _naive_stepper(source, family, depth, batch, 0, device)
-        naive_mem = _memory(lambda: [short() for _ in range(2)], device)
+        naive_mem = peak_memory(lambda: [short() for _ in range(2)], device)
         rows.append(_row(arch, "a_dataloader_eager", 1, batch, naive, naive_mem))
 
         for variant, s in (("b_lightning", None), (f"c_grouped_{models}", models)):

@@ -25,10 +25,15 @@ import torchvision
 from torch import nn
 
 from .models import CifarNet
+from .models.grouped import CONFIG_KEYS
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
-CIFAR_ARCH_KEYS = ("family", "depth", "option", "width", "gate_bias", "num_classes")
+# block type and blocks per stage: a cheap first filter before comparing every shape
+_LAYOUTS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
+            "resnet152": ("bottleneck", (3, 8, 36, 3)), "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3)),
+            "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3)), "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3)),
+            "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3)), "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3))}
+TORCHVISION_ARCHS = tuple(_LAYOUTS)
 UNSAFE_FLAG = "--allow-unsafe-load"
 
 
@@ -209,13 +214,6 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what:
     model.load_state_dict(sd, strict=True, assign=assign)
 
 
-# block type and blocks per stage: a cheap first filter before comparing every shape
-_LAYOUTS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3)),
-            "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
-            "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3)), "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3)),
-            "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3)), "resnet152": ("bottleneck", (3, 8, 36, 3))}
-
 
 def _layout(keys) -> tuple[str, tuple[int, ...]]:
     blocks = {tuple(k.split(".")[:2]) for k in keys if k.startswith("layer") and k.count(".") >= 2}
@@ -282,12 +280,12 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
         if not sd:
             raise CheckpointError(f"{path}: a Lightning checkpoint without 'model.' weights; keys: "
                                   f"{', '.join(list(obj['state_dict'])[:10])}")
-        kwargs = {k: hparams[k] for k in CIFAR_ARCH_KEYS if k in hparams}
+        kwargs = {k: hparams[k] for k in CONFIG_KEYS if k in hparams}
         try:
             model = CifarNet(**kwargs)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its hyper_parameters do not describe a CIFAR net: {e}") from None
-        what = f"{kwargs.get('family', 'residual')}-{kwargs.get('depth', 20)}"
+        what = f"{model.family}-{model.depth}"
         load_strict(model, sd, path, f"the {what} network its hyper_parameters describe")
         return model.eval(), {"kind": "project", "arch": what, "hparams": dict(hparams), "path": str(path)}
 

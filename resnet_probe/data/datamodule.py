@@ -163,7 +163,8 @@ class CifarDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def resident_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of ``split`` on ``resident_device()``, moved there once and kept."""
         device = self.resident_device()
         cached = self._device_splits.get(split)
         if cached is None or cached[0].device != device:
@@ -176,7 +177,7 @@ class CifarDataModule(pl.LightningDataModule):
         batch_size = hp.batch_size if train else hp.eval_batch_size
         augment = hp.augment and train
         if self.loader_kind == "resident":
-            images, labels = self._on_device(split)
+            images, labels = self.resident_split(split)
             shard, num_shards = self._shards()
             return ResidentLoader(images, labels, batch_size, shuffle=train, augment=augment,
                                   drop_last=hp.drop_last and train, seed=hp.seed,

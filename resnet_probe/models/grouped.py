@@ -39,8 +39,7 @@ def model_config(model: CifarNet) -> dict:
     """The constructor arguments that rebuild ``model``'s architecture (``CONFIG_KEYS``)."""
     if not isinstance(model, CifarNet):
         raise TypeError(f"expected a resnet_probe CifarNet; got {type(model).__name__}")
-    return dict(family=model.family, depth=model.depth, option=model.option, width=model.width,
-                gate_bias=model.gate_bias, num_classes=model.head.fc.out_features)
+    return {k: model.head.fc.out_features if k == "num_classes" else getattr(model, k) for k in CONFIG_KEYS}
 
 
 class GroupedCifarNet(nn.Module):
@@ -101,7 +100,7 @@ class GroupedCifarNet(nn.Module):
 
         shapes = self.state_dict()
         states = [m.state_dict() for m in models]
-        ref = models[0].state_dict()
+        ref = states[0]
         grouped = {}
         for key, shape_ref in shapes.items():
             ts = [sd[key].to(ref[key]) for sd in states]

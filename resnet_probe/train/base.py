@@ -21,15 +21,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from .recipes import PaperSchedule, build_optimization, check_recipe, training_length
+from .recipes import PaperSchedule, build_optimization, training_length
 
 STAGES = ("train", "val", "test")
 
 
 def check_training_args(recipe: str, epochs: int | None, max_steps: int | None, log_every_n_steps: int) -> None:
     """Raise ``ValueError`` for an unknown recipe, a bad training length or a bad logging interval."""
-    check_recipe(recipe)
-    training_length(recipe, epochs, max_steps)
+    training_length(recipe, epochs, max_steps)  # checks the recipe too
     if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
         raise ValueError(f"log_every_n_steps must be a positive integer; got {log_every_n_steps!r}")
 
@@ -69,6 +68,15 @@ class RecipeModule(pl.LightningModule):
         self.model.to(memory_format=torch.channels_last)
         if self.hparams.compile:
             self.model.compile()  # compiles in place: state_dict keys and pl_module.model stay the same
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits (``GroupedClassifier``: ``(S, N, classes)``)."""
+        return self.model(x)
+
+    @staticmethod
+    def _layout(x: torch.Tensor) -> torch.Tensor:
+        """A CUDA batch in channels_last, the network's layout there (``_prepare_device``)."""
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
     def on_fit_start(self) -> None:
         self._prepare_device()
@@ -130,11 +138,9 @@ class RecipeModule(pl.LightningModule):
         return (total[:-1].reshape(-1, 2) / total[-1]).tolist()
 
     def on_train_epoch_start(self) -> None:
-        if self._restored_epoch == self.current_epoch:  # resumed mid-epoch: keep the restored sums
-            self._restored_epoch = None
-            return
-        self._restored_epoch = None
-        self._sums["train"], self._counts["train"] = None, 0
+        restored, self._restored_epoch = self._restored_epoch, None
+        if restored != self.current_epoch:  # else resumed mid-epoch: keep the restored sums
+            self._sums["train"], self._counts["train"] = None, 0
 
     def on_validation_epoch_start(self) -> None:
         self._sums["val"], self._counts["val"] = None, 0

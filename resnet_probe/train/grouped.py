@@ -97,9 +97,7 @@ def per_model_train_batches(datamodule, data_seeds: Sequence[int]) -> PerModelBa
     """
     from ..data import ResidentLoader
 
-    images, labels = datamodule.splits()["train"]
-    device = datamodule.resident_device()
-    images, labels = images.to(device), labels.to(device)
+    images, labels = datamodule.resident_split("train")
     hp = datamodule.hparams
     return PerModelBatches([
         ResidentLoader(images, labels, hp.batch_size, shuffle=True, augment=hp.augment, drop_last=hp.drop_last,
@@ -137,10 +135,6 @@ class GroupedClassifier(RecipeModule):
     def num_models(self) -> int:
         return self.model.num_models
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(S, N, classes)``; ``x`` as ``GroupedCifarNet.stack_inputs`` accepts."""
-        return self.model(x)
-
     # ---- steps -----------------------------------------------------------------------------------
 
     def _grouped_batch(self, batch, per_model: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +155,7 @@ class GroupedClassifier(RecipeModule):
                 raise ValueError(f"shared batches must have shape (B, 3, H, W); got {tuple(x.shape)} "
                                  "(per-model batches need shared_batches=False)")
             y = y.expand(s, -1)
-        x = self.model.stack_inputs(x)
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return self._layout(self.model.stack_inputs(x)), y
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = self._grouped_batch(batch, per_model=stage == "train" and not self.hparams.shared_batches)

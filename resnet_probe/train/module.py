@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import CifarNet
+from ..models.grouped import seeded_model
 from .base import RecipeModule, check_training_args
 
 
@@ -62,24 +62,16 @@ class CifarClassifier(RecipeModule):
         super().__init__()
         check_training_args(recipe, epochs, max_steps, log_every_n_steps)
         self.save_hyperparameters()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = CifarNet(family, depth, option, width, gate_bias, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        self.model = seeded_model(seed, family=family, depth=depth, option=option, width=width,
+                                  gate_bias=gate_bias, num_classes=num_classes)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self(x)
+        logits = self(self._layout(x))
         loss = F.cross_entropy(logits, y)
         self._record(stage, loss, (logits.argmax(dim=1) != y).sum(), y.shape[0])
         return loss
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self(x)
+        return self(self._layout(x))

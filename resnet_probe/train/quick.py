@@ -90,7 +90,6 @@ def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarD
                              train_limit=train_limit, augment=augment, seed=seed)
     if lr is None:
         lr = QUICK_LR_PER_IMAGE * dm.hparams.batch_size
-    module_kwargs.setdefault("log_every_n_steps", 50)
     model = CifarClassifier(family, depth, option=option, width=width, gate_bias=gate_bias, recipe=recipe,
                             lr=lr, epochs=epochs, seed=seed, **module_kwargs)
     cuda = torch.cuda.is_available()
