@@ -57,7 +57,7 @@ def block_attributions(model: nn.Module, x, y: torch.Tensor | None = None,
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid targets: {', '.join(TARGETS)}")
     anat = anatomy(model)
-    chosen = [anat.blocks[i] for i in (range(len(anat.blocks)) if blocks is None else anat.resolve(list(blocks)))]
+    chosen = [anat.blocks[i] for i in (range(len(anat.blocks)) if blocks is None else anat.resolve(blocks))]
     x, y = as_tensors(x, y)
     device = next(model.parameters()).device
     absolute = np.zeros(len(chosen))

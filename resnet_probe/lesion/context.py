@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -67,17 +66,10 @@ def lesion(model: nn.Module, blocks: Iterable = (), mode: str = "zero_branch") -
     """
     check_lesion_mode(mode)
     anat = anatomy(model)
-    deleted = [anat.blocks[i] for i in resolve_blocks(anat, blocks)]
+    deleted = [anat.blocks[i] for i in anat.resolve(blocks)]
     replacements = {b.module: _lesioned_forward(b, mode) for b in deleted}
     with override_forwards(replacements):
         yield tuple(b.name for b in deleted)
-
-
-def resolve_blocks(anat: Anatomy, blocks: Iterable) -> list[int]:
-    """Sorted indices of blocks given by name, module path or (Python or NumPy) integer index."""
-    if isinstance(blocks, (str, int)):
-        blocks = [blocks]
-    return anat.resolve([int(b) if isinstance(b, np.integer) else b for b in blocks])
 
 
 def _lesioned_forward(block, mode: str):

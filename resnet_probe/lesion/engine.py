@@ -28,7 +28,7 @@ from torch import nn
 from ..models import anatomy
 from ..models.anatomy import Anatomy, check_lesion_mode
 from ..models.fold import fold_batchnorm
-from .context import check_order, evaluation, lesion, reordered, resolve_blocks
+from .context import check_order, evaluation, lesion, reordered
 from .inputs import as_tensors, example_chunks
 
 ENGINES = ("batched", "loop")
@@ -93,7 +93,7 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
     check_lesion_mode(mode)
     anat = anatomy(model)
     n = len(anat.blocks)
-    sets = [resolve_blocks(anat, s) for s in deletion_sets]
+    sets = [anat.resolve(s) for s in deletion_sets]
     deleted = np.zeros((len(sets), n), dtype=bool)
     for row, idx in zip(deleted, sets):
         row[idx] = True

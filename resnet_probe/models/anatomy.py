@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,15 +140,20 @@ class Anatomy:
         return self.head(x)
 
     def resolve(self, blocks) -> list[int]:
-        """Indices of the given blocks (names, indices or ``BlockAnatomy``), in model order.
+        """Sorted indices of the given blocks: one or an iterable of names, module paths, (Python or
+        NumPy) integer indices or ``BlockAnatomy``.
 
         Raises:
             ValueError: naming the valid block names and the index range.
         """
+        if isinstance(blocks, (str, int, np.integer, BlockAnatomy)):
+            blocks = [blocks]
         out = []
         for b in blocks:
             if isinstance(b, BlockAnatomy):
                 b = b.name
+            elif isinstance(b, np.integer):
+                b = int(b)
             if isinstance(b, bool) or not isinstance(b, (int, str)):
                 raise ValueError(f"blocks are given by name or index; got {b!r}")
             if isinstance(b, int):

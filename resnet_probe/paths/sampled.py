@@ -33,7 +33,7 @@ def single_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, br
     anat = anatomy(model)
     use = np.zeros((len(branch_sets), len(anat.blocks)), dtype=bool)
     for row, s in zip(use, branch_sets):
-        row[anat.resolve(list(s))] = True
+        row[anat.resolve(s)] = True
     with evaluation(model):
         return paths_from_record(record_paths(model, x, y), use)
 
@@ -43,15 +43,16 @@ def paths_from_record(record: PathRecord, use: np.ndarray) -> torch.Tensor:
     cot = record.top.unsqueeze(0).expand(len(use), *record.top.shape)
     for i in reversed(range(len(record.names))):
         gated = cot * record.masks[i]
-        rows = torch.from_numpy(use[:, i]).to(gated.device)
-        through_branch = record.branch_vjp[i](gated[rows]) if rows.any() else None
-        through_shortcut = record.shortcut_vjp[i](gated[~rows]) if (~rows).any() else None
-        like = through_branch if through_branch is not None else through_shortcut
-        cot = like.new_empty((len(use),) + like.shape[1:])
-        if through_branch is not None:
-            cot[rows] = through_branch
-        if through_shortcut is not None:
-            cot[~rows] = through_shortcut
+        cot = None
+        # which paths take the branch is known on the host: gather and scatter by index, no device sync
+        for take, vjp in ((use[:, i], record.branch_vjp[i]), (~use[:, i], record.shortcut_vjp[i])):
+            if not take.any():
+                continue
+            rows = torch.from_numpy(np.flatnonzero(take)).to(gated.device)
+            part = vjp(gated.index_select(0, rows))
+            if cot is None:
+                cot = part.new_empty((len(use),) + part.shape[1:])
+            cot.index_copy_(0, rows, part)
     return record.stem_vjp(cot).detach()
 
 

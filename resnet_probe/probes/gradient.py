@@ -90,8 +90,7 @@ class GradientProbe:
             act = self._act if self._act is not None else zeros(len(self.blocks), dev)
             entry = torch.stack((sq, act.to(dev)))
             self._act = None
-        for i in range(len(self.blocks)):
-            self.watch.check(self.param_index[i], sq[i])
+        self.watch.check_all(self.param_index[0], list(sq.unbind()))  # blocks registered consecutively
         self.history.append((self._steps if step is None else int(step), entry))
         self._steps += 1
 

@@ -223,8 +223,9 @@ class ProbeSession:
         state = "closed" if self.closed else "attached"
         head = (f"<p><b>ProbeSession</b> ({state}) on {type(self.model).__name__}: "
                 f"{len(self.sites)} sites</p>")
-        if self.nonfinite is not None:
-            head += f"<p>non-finite value first at <code>{self.nonfinite}</code></p>"
+        first_nonfinite = self.nonfinite
+        if first_nonfinite is not None:
+            head += f"<p>non-finite value first at <code>{first_nonfinite}</code></p>"
         if df.empty:
             return head + "<p>no values recorded yet</p>"
         parts = [head]
