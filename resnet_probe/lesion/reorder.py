@@ -15,6 +15,7 @@ from torch import nn
 from ..models import anatomy
 from ..models.anatomy import Anatomy
 from .engine import evaluate_orders
+from .sweeps import joined_names
 from .table import metrics_table, sweep_options
 
 
@@ -84,7 +85,7 @@ def reorder_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k_swaps=(1
             order = random_swaps(anat, int(k), rng)
             orders.append(order)
             meta.append({"k_swaps": int(k), "set": i, "order": " ".join(map(str, order)),
-                         "moved": "+".join(anat.blocks[b].name for pos, b in enumerate(order) if pos != b),
+                         "moved": joined_names(anat, [b for pos, b in enumerate(order) if pos != b]),
                          "kendall_tau": kendall_tau(order)})
     metrics = evaluate_orders(model, orders, x, y, batch_size=opts.batch_size,
                               max_batch=opts.max_batch, engine=opts.engine, fold_bn=opts.fold_bn)

@@ -25,7 +25,8 @@ from .engine import evaluate_deletion_sets
 from .table import metrics_table, sweep_options
 
 
-def _joined(anat, idx) -> str:
+def joined_names(anat, idx) -> str:
+    """The names of blocks ``idx``, joined by ``+`` (how tables name a set of blocks)."""
     return "+".join(anat.blocks[i].name for i in idx)
 
 
@@ -35,7 +36,7 @@ def _deletion_table(model, sets, meta, x, y, mode, seed, options, **attrs) -> pd
                                      max_batch=options.max_batch, engine=options.engine,
                                      fold_bn=options.fold_bn)
     for m, s in zip(meta, sets):
-        m.setdefault("deleted", _joined(anat, s))
+        m.setdefault("deleted", joined_names(anat, s))
         m.setdefault("k", len(s))
     return metrics_table(meta, metrics, options, seed, mode=mode, **attrs)
 
@@ -108,7 +109,7 @@ def k_random_sweep(model: nn.Module, x, y: torch.Tensor | None = None, ks=(1, 2,
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
     n = len(anatomy(model).blocks)
-    _check_sizes(ks, n)
+    check_block_counts(ks, n, "set sizes")
     rng = np.random.default_rng(seed)
     sets, meta = [], []
     for k in ks:
@@ -134,7 +135,7 @@ def all_subsets_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k: int
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
     n = len(anatomy(model).blocks)
-    _check_sizes([k], n)
+    check_block_counts([k], n, "set sizes")
     if cap < 1:
         raise ValueError(f"cap must be positive; got {cap}")
     total = math.comb(n, k)
@@ -162,7 +163,8 @@ def _sample_subsets(n: int, k: int, count: int, rng: np.random.Generator) -> lis
     return [list(s) for s in sorted(chosen)]
 
 
-def _check_sizes(ks, n: int) -> None:
+def check_block_counts(ks, n: int, what: str) -> None:
+    """Raise ``ValueError`` unless every ``k`` in ``ks`` is an integer in ``0..n`` (``what`` names them)."""
     bad = [k for k in ks if not isinstance(k, (int, np.integer)) or not 0 <= k <= n]
     if bad:
-        raise ValueError(f"set sizes must be integers in 0..{n} (the number of blocks); got {bad}")
+        raise ValueError(f"{what} must be integers in 0..{n} (the number of blocks); got {bad}")

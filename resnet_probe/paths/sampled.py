@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..lesion.context import evaluation
+from ..lesion.sweeps import check_block_counts, joined_names
 from ..models import anatomy
 from .record import PathRecord, record_paths
 
@@ -78,9 +79,7 @@ def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k
     """
     anat = anatomy(model)
     n = len(anat.blocks)
-    bad = [k for k in ks if not isinstance(k, (int, np.integer)) or not 0 <= k <= n]
-    if bad:
-        raise ValueError(f"path lengths must be integers in 0..{n} (the number of blocks); got {bad}")
+    check_block_counts(ks, n, "path lengths")
     if samples_per_k < 1 or sets_per_pass < 1:
         raise ValueError("samples_per_k and sets_per_pass must be positive")
     rng = np.random.default_rng(seed)
@@ -97,6 +96,6 @@ def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k
     return pd.DataFrame({
         "path_length": lengths,
         "sample": np.tile(np.arange(samples_per_k), len(ks)),
-        "branches": ["+".join(anat.blocks[i].name for i in np.flatnonzero(row)) for row in use],
+        "branches": [joined_names(anat, np.flatnonzero(row)) for row in use],
         "magnitude": torch.cat(magnitude).numpy(),
     })

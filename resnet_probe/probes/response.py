@@ -86,12 +86,13 @@ class ResponseProbe:
         return plan
 
     def _output_hook(self, sites: list[Site]):
+        measured_shortcuts = [id(s.block.module) for s in sites if s.kind == "shortcut"]
+
         def hook(module, args, output):
             if self.active and self.armed:
                 self.record(sites, output)
-                for s in sites:
-                    if s.kind == "shortcut":
-                        self._pending.pop(id(s.block.module), None)
+                for key in measured_shortcuts:  # S(x) came from its own module: no fallback needed
+                    self._pending.pop(key, None)
         return hook
 
     def _pre_hook(self, identity: list[Site], stash: list[Site]):
