@@ -23,6 +23,7 @@ from torch import nn
 
 from .imagenet import imagefolder_path, load_imagefolder, load_study_model
 from .options import add_imagenet_arguments, add_load_arguments, resolve_device, scale_settings, set_threads
+from .train_zoo import data_sizes
 
 
 @dataclass(eq=False)
@@ -89,7 +90,7 @@ def evaluation_data(args: argparse.Namespace, s: dict) -> EvalData:
     if args.checkpoints:
         n_train = 1                # nothing is trained: a synthetic set needs no training images
     else:
-        n_train = None if s["train_limit"] is None else s["train_limit"] + s["val_size"]
+        n_train = data_sizes(s)[0]
     source = resolve_data(args.data, n_train, s["n_examples"])
     idx = random_subset(len(source.test_labels), s["n_examples"], seed, "analysis-eval")
     prov = {**source.provenance(), "n_evaluated": len(idx), "evaluated": "seeded subset of the test split"}
@@ -110,7 +111,7 @@ def open_analysis(parser: argparse.ArgumentParser, argv: list[str] | None, quick
     device = resolve_device(args.device)
     data = evaluation_data(args, s)
     config = {**s, "scale": args.scale, "seeds": list(args.seeds), "checkpoints": list(args.checkpoints),
-              "weights": getattr(args, "weights", None), "device": device.type}
+              "weights": args.weights, "device": device.type}
     return args, s, device, data, config
 
 
@@ -151,8 +152,8 @@ def _train(family: str, seed: int, s: dict, data: EvalData, out_dir: Path):
     return module.model, metrics
 
 
-def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torch.device, run=None,
-                 families: tuple[str, ...] | None = None) -> Iterator[StudyModel]:
+def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torch.device, run,
+                 families: tuple[str, ...]) -> Iterator[StudyModel]:
     """The models of a study, one at a time (loaded or trained as the module docstring says).
 
     Args:
@@ -164,9 +165,8 @@ def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torc
         device: where the models are put.
         run: the study's ``Run``; trained checkpoints go to ``<run>/models/`` and a ``models`` table
             lists every model.
-        families: families taken from ``train_zoo`` folders (default: ``s["families"]``).
+        families: families taken from ``train_zoo`` folders.
     """
-    families = tuple(families or s["families"])
     rows: list[dict] = []
     seen: dict[tuple[str, int], int] = {}
 
@@ -176,24 +176,22 @@ def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torc
         if seen[key] > 1:
             sm.name = f"{sm.name} #{seen[key]}"
         sm.model.to(device).eval()
-        keys = {"run": run.path.name if run else "", "seed": sm.seed, "model": sm.name, "site": "network",
+        keys = {"run": run.path.name, "seed": sm.seed, "model": sm.name, "site": "network",
                 "kind": sm.info["kind"], "checkpoint": str(sm.info.get("path") or "")}
         rows.append({**keys, "metric": "n_blocks", "value": float(len(sm.blocks))})
         for k, v in sm.info.get("metrics", {}).items():
             if k in ("val_error", "train_error") and v is not None:
                 rows.append({**keys, "metric": f"{k}_percent", "value": 100.0 * float(v)})
-        if run is not None:
-            run.add_table("models", pd.DataFrame(rows))
+        run.add_table("models", pd.DataFrame(rows))
         return sm
 
     if args.checkpoints:
-        for src, zoo_seed in expand_checkpoints(list(args.checkpoints), families):
+        for src, zoo_seed in expand_checkpoints(list(args.checkpoints), tuple(families)):
             seed = zoo_seed if zoo_seed is not None else args.seeds[0]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # torchvision:ARCH random weights are reproducible
-                model, info = load_study_model(src, weights=getattr(args, "weights", None), arch=args.arch,
-                                               allow_unsafe=args.allow_unsafe_load,
-                                               download=getattr(args, "download", True))
+                model, info = load_study_model(src, weights=args.weights, arch=args.arch,
+                                               allow_unsafe=args.allow_unsafe_load, download=args.download)
             seed = int(info["hparams"].get("seed", seed)) if info["kind"] == "project" else seed
             yield record(StudyModel(model_label(info, src), model, seed, info))
         return
@@ -203,11 +201,11 @@ def study_models(args: argparse.Namespace, s: dict, data: EvalData, device: torc
         for seed in args.seeds:
             name = f"{family}-{s['depth']}"
             print(f"training {name} seed {seed} ({s['epochs']} epochs, recipe {s['recipe']})", flush=True)
-            out = run.path / "models" / f"{name}-seed{seed}" if run is not None else None
+            out = run.path / "models" / f"{name}-seed{seed}"
             model, metrics = _train(family, seed, s, data, out)
-            path = out / "checkpoints" / "last.ckpt" if out is not None else None
+            path = out / "checkpoints" / "last.ckpt"
             info = {"kind": "trained", "arch": name, "hparams": {}, "metrics": metrics,
-                    "path": path.relative_to(run.path).as_posix() if path is not None and path.is_file() else None}
+                    "path": path.relative_to(run.path).as_posix() if path.is_file() else None}
             yield record(StudyModel(name, model, seed, info))
 
 

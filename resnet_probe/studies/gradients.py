@@ -66,8 +66,7 @@ def _family_rank(column: "pd.Series") -> "pd.Series":
     """Sort key: plain, highway, residual, then other families; other columns unchanged."""
     if column.name != "family":
         return column
-    rank = {f: i for i, f in enumerate(train_zoo.FAMILIES)}
-    return column.map(lambda f: rank.get(f, len(rank)))
+    return column.map(train_zoo.family_rank)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -81,8 +81,9 @@ def deletion_effect(model, images, labels, batch_size: int = 250) -> "np.ndarray
     return 100.0 * np.mean(m.error - m.intact_error[None], axis=0)
 
 
-def deletion_table(zoo_dir: Path, source, settings: dict, seed: int, run_name: str) -> "pd.DataFrame":
-    """Effect (3) for the deepest models of the zoo: mean error increase per deletion, bootstrap CI over images."""
+def deletion_table(deepest: "pd.DataFrame", source, settings: dict, seed: int, run_name: str) -> "pd.DataFrame":
+    """Effect (3) for the zoo's deepest models (``zoo_checkpoints`` rows): mean error increase per
+    deletion, bootstrap CI over images."""
     import numpy as np
     import pandas as pd
     from ..checkpoints import load_model
@@ -90,10 +91,8 @@ def deletion_table(zoo_dir: Path, source, settings: dict, seed: int, run_name: s
     from ..lesion import mean_ci
     idx = random_subset(len(source.test_labels), settings["n_examples"], seed, "quickstart-deletion")
     x, y = normalize(source.test_images[idx]), source.test_labels[idx].long()
-    zoo = train_zoo.zoo_checkpoints(zoo_dir)
-    zoo = zoo[zoo["depth"] == zoo["depth"].max()]
     rows = []
-    for (model_name, family, depth), g in zoo.groupby(["model", "family", "depth"], sort=False):
+    for (model_name, family, depth), g in deepest.groupby(["model", "family", "depth"], sort=False):
         per_seed = [deletion_effect(load_model(c)[0], x, y) for c in g["checkpoint"]]
         mean, lo, hi = mean_ci(np.mean(per_seed, axis=0), n_resamples=settings["n_resamples"], seed=seed)
         rows.append({"run": run_name, "seed": -1 if len(g) > 1 else int(g["seed"].iloc[0]), "model": model_name,
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> Path:
               "studies": studies, "device": resolve_device(args.device).type}
     with new_run("quickstart", out=args.out, config=config, data=zoo_run.provenance.get("data"),
                  source_file=__file__, argv=argv, title="resnet_probe quickstart: why residual nets train") as run:
-        deletion = deletion_table(zoo, source, settings, args.seeds[0], run.path.name)
+        deletion = deletion_table(deepest, source, settings, args.seeds[0], run.path.name)
         run.add_table("deletion_effect", deletion)
         if deg is None or resp is None:
             raise RuntimeError(f"quickstart: the headline needs degradation and response_std: {failures}")

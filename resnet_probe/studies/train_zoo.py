@@ -57,6 +57,11 @@ def model_name(family: str, depth: int) -> str:
     return f"{family}-{depth}"
 
 
+def family_rank(family: str) -> int:
+    """Where a family sorts in tables and figures: plain, highway, residual, then the others."""
+    return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+
+
 def model_grid(settings: dict) -> list[tuple[str, int]]:
     """The ``(family, depth)`` pairs to train, in order.
 
@@ -244,8 +249,7 @@ def zoo_checkpoints(run_dir: str | Path) -> "pd.DataFrame":
                          "make one with `python studies/train_zoo.py`")
     df = run.table("final")[["model", "family", "depth", "seed", "checkpoint"]].drop_duplicates()
     df["checkpoint"] = [str(run.path / c) for c in df["checkpoint"]]
-    rank = {f: i for i, f in enumerate(FAMILIES)}
-    df["_rank"] = df["family"].map(lambda f: rank.get(f, len(rank)))
+    df["_rank"] = df["family"].map(family_rank)
     return df.sort_values(["_rank", "family", "depth", "seed"]).drop(columns="_rank").reset_index(drop=True)
 
 
@@ -267,12 +271,16 @@ def describe(settings: dict, seeds) -> str:
             f"{tests} test images.")
 
 
-def parse_zoo_study(name: str, description: str, zoo_help: str, argv: list[str] | None,
+def parse_zoo_study(name: str, description: str, zoo_help: str | None, argv: list[str] | None,
                     quick: dict, paper: dict) -> tuple[argparse.Namespace, dict]:
-    """Parse a downstream study's command line (common options, ``--zoo RUN_DIR``, the training
-    options) and set the thread count; returns the arguments and the scale's settings."""
+    """Parse a zoo study's command line (common options, ``--zoo RUN_DIR`` unless ``zoo_help`` is
+    ``None``, the training options) and set the thread count; returns the arguments and the
+    scale's settings."""
     p = study_parser(name, description)
-    p.add_argument("--zoo", metavar="RUN_DIR", default=None, help=zoo_help)
+    if zoo_help is None:
+        p.set_defaults(zoo=None)
+    else:
+        p.add_argument("--zoo", metavar="RUN_DIR", default=None, help=zoo_help)
     add_training_options(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -307,7 +315,8 @@ class ZooInput:
         else:
             self.source = resolve_data(args.data, *data_sizes(settings))
             self.data = self.source.provenance()
-            self.config = {**settings, "scale": args.scale, "seeds": list(args.seeds)}
+            self.device = resolve_device(args.device).type
+            self.config = {**settings, "scale": args.scale, "seeds": list(args.seeds), "device": self.device}
 
     def tables(self, run, what: str, extra: str = "") -> dict[str, "pd.DataFrame"]:
         """The zoo's tables (``curves``, ``final``, ``gradients``), read or trained into ``run``.
@@ -320,27 +329,19 @@ class ZooInput:
             return {name: self.zoo.table(name) for name in ("curves", "final", "gradients")
                     if name in self.zoo.tables}
         run.add_text("Setup", describe(self.settings, self.args.seeds) + extra)
-        device = resolve_device(self.args.device).type
-        return train_models(run, self.source, self.settings, self.args.seeds, device)
+        return train_models(run, self.source, self.settings, self.args.seeds, self.device)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Train the zoo and write its run folder; returns the folder."""
-    p = study_parser("train_zoo", "Train plain / highway / residual CIFAR nets over depths and seeds; "
-                                  "writes checkpoints and training curves for the other studies.")
-    add_training_options(p)
-    args = p.parse_args(argv)
-    set_threads(args.threads)
-    settings = scale_settings(args, QUICK, PAPER)
-    device = resolve_device(args.device).type
+    args, settings = parse_zoo_study(
+        "train_zoo", "Train plain / highway / residual CIFAR nets over depths and seeds; writes checkpoints "
+                     "and training curves for the other studies.", None, argv, QUICK, PAPER)
     from ..report import new_run
-    source = resolve_data(args.data, *data_sizes(settings))
-    config = {**settings, "scale": args.scale, "seeds": list(args.seeds), "device": device}
-    with new_run("train_zoo", out=args.out, config=config, data=source.provenance(), source_file=__file__,
+    zoo = ZooInput(args, settings, needs="final")  # no --zoo: the nets are trained here
+    with new_run("train_zoo", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__,
                  argv=argv, title="Model zoo: plain / highway / residual") as run:
-        run.add_text("Setup", describe(settings, args.seeds))
-        tables = train_models(run, source, settings, args.seeds, device)
-        _report(run, tables["final"])
+        _report(run, zoo.tables(run, "")["final"])
     return run.path
 
 
