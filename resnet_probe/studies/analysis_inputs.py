@@ -74,27 +74,30 @@ def add_model_arguments(p: argparse.ArgumentParser, families: tuple[str, ...] = 
     p.add_argument("--train-limit", dest="train_limit", type=int, default=None, help="training images")
 
 
-def evaluation_data(args: argparse.Namespace, s: dict) -> EvalData:
-    """The images a study evaluates: ``s["n_examples"]`` CIFAR test images, or an image folder."""
+def eval_images(spec: str, n: int, seed: int, limit: int | None, purpose: str, n_train: int | None = 1) -> EvalData:
+    """``n`` images from an image folder (``spec`` = ``imagefolder=PATH``; ``limit`` caps them) or
+    a seeded subset of ``n`` CIFAR test images, named by ``purpose``, from ``resolve_data(spec)``
+    (``n_train``: training images the source must hold; 1 when nothing is trained)."""
     from ..data import normalize, random_subset
     from .options import resolve_data
 
-    seed = args.seeds[0]
-    folder = imagefolder_path(args.data)
+    folder = imagefolder_path(spec)
     if folder is not None:
-        if not args.checkpoints:
-            raise ValueError("--data imagefolder=PATH evaluates given models (e.g. torchvision:resnet50 --weights "
-                             "IMAGENET1K_V2); without CHECKPOINT the study would train CIFAR nets, which needs CIFAR data")
-        d = load_imagefolder(folder, limit=args.limit or s["n_examples"], seed=seed)
+        d = load_imagefolder(folder, limit=limit or n, seed=seed)
         return EvalData(d.images, d.labels, d.provenance(), "imagefolder")
-    if args.checkpoints:
-        n_train = 1                # nothing is trained: a synthetic set needs no training images
-    else:
-        n_train = data_sizes(s)[0]
-    source = resolve_data(args.data, n_train, s["n_examples"])
-    idx = random_subset(len(source.test_labels), s["n_examples"], seed, "analysis-eval")
+    source = resolve_data(spec, n_train, n)
+    idx = random_subset(len(source.test_labels), n, seed, purpose)
     prov = {**source.provenance(), "n_evaluated": len(idx), "evaluated": "seeded subset of the test split"}
     return EvalData(normalize(source.test_images[idx]), source.test_labels[idx].long(), prov, "cifar", source)
+
+
+def evaluation_data(args: argparse.Namespace, s: dict) -> EvalData:
+    """The images a study evaluates: ``s["n_examples"]`` CIFAR test images, or an image folder."""
+    if imagefolder_path(args.data) is not None and not args.checkpoints:
+        raise ValueError("--data imagefolder=PATH evaluates given models (e.g. torchvision:resnet50 --weights "
+                         "IMAGENET1K_V2); without CHECKPOINT the study would train CIFAR nets, which needs CIFAR data")
+    n_train = 1 if args.checkpoints else data_sizes(s)[0]  # a synthetic set sized for what is trained
+    return eval_images(args.data, s["n_examples"], args.seeds[0], args.limit, "analysis-eval", n_train)
 
 
 def open_analysis(parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict,

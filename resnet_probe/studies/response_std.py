@@ -95,22 +95,6 @@ def _sources(args) -> list[tuple[str, int | None]]:
     return out
 
 
-def _images(args, settings: dict):
-    """Evaluation images (normalised) and the data provenance."""
-    from ..data import normalize, random_subset
-    from .imagenet import imagefolder_path, load_imagefolder
-    from .options import resolve_data
-    seed = args.seeds[0]
-    folder = imagefolder_path(args.data)
-    if folder is not None:
-        d = load_imagefolder(folder, limit=args.limit or settings["n_examples"], seed=seed)
-        return d.images, d.provenance()
-    source = resolve_data(args.data, n_train=1, n_test=settings["n_examples"])
-    idx = random_subset(len(source.test_labels), settings["n_examples"], seed, "response_std")
-    prov = {**source.provenance(), "n_evaluated": len(idx), "evaluated": "seeded subset of the test split"}
-    return normalize(source.test_images[idx]), prov
-
-
 def main(argv: list[str] | None = None) -> Path:
     """Measure per-layer response std of every model given; returns the run folder."""
     p = study_parser("response_std", "He et al. Fig. 7: std of each branch layer's response (after BN, before "
@@ -131,9 +115,10 @@ def main(argv: list[str] | None = None) -> Path:
     import pandas as pd
     import torch
     from ..report import new_run
-    from .analysis_inputs import model_label
+    from .analysis_inputs import eval_images, model_label
     from .imagenet import load_study_model
-    images, data = _images(args, settings)
+    evaluated = eval_images(args.data, settings["n_examples"], args.seeds[0], args.limit, "response_std")
+    images, data = evaluated.images, evaluated.provenance
     config = {**settings, "scale": args.scale, "models": [s for s, _ in sources], "weights": args.weights,
               "device": device}
     with new_run("response_std", out=args.out, config=config, data=data, source_file=__file__, argv=argv,
