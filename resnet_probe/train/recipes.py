@@ -82,15 +82,22 @@ class _LengthAwareSchedule(LRScheduler):
 
     total_steps: int | None
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """Fix the schedule's length and rewrite the optimizer's lr for the current iteration."""
-        if total_steps < 1:
+    @staticmethod
+    def _checked_length(total_steps: int | None) -> int | None:
+        if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1; got {total_steps}")
-        self.total_steps = int(total_steps)
-        lrs = self.get_lr()
+        return None if total_steps is None else int(total_steps)
+
+    def _apply(self, lrs: list[float]) -> None:
+        """Write ``lrs`` into the optimizer now, so that the next step already uses them."""
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = list(lrs)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the schedule's length and rewrite the optimizer's lr for the current iteration."""
+        self.total_steps = self._checked_length(total_steps)
+        self._apply(self.get_lr())
 
     def _length(self) -> int:
         if self.total_steps is None:
@@ -125,9 +132,7 @@ class PaperSchedule(_LengthAwareSchedule):
         fractions = [float(m) for m in milestones]
         if any(not 0.0 < m < 1.0 for m in fractions) or fractions != sorted(fractions):
             raise ValueError(f"milestones must be increasing fractions in (0, 1); got {fractions}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1; got {total_steps}")
-        self.total_steps = total_steps
+        self.total_steps = self._checked_length(total_steps)
         self.milestone_fractions = fractions
         self.gamma = float(gamma)
         self.warmup_lr = None if warmup_lr is None else float(warmup_lr)
@@ -161,10 +166,7 @@ class PaperSchedule(_LengthAwareSchedule):
         if self.warming_up and error < self.warmup_until_error:
             self.warming_up = False
             self.warmup_ended_at = self.last_epoch
-            lrs = self._scheduled_lrs()
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            self._last_lr = lrs
+            self._apply(self._scheduled_lrs())
         return self.warming_up
 
 
@@ -187,9 +189,7 @@ class OneCycleSchedule(_LengthAwareSchedule):
                  div_factor: float = 10.0, final_div_factor: float = 100.0, last_epoch: int = -1):
         if not 0.0 < pct_start < 1.0:
             raise ValueError(f"pct_start must be in (0, 1); got {pct_start}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1; got {total_steps}")
-        self.total_steps = total_steps
+        self.total_steps = self._checked_length(total_steps)
         self.pct_start, self.div_factor, self.final_div_factor = pct_start, div_factor, final_div_factor
         super().__init__(optimizer, last_epoch)
 
