@@ -4,6 +4,7 @@ import torch
 
 from resnet_probe.models import anatomy, build_model
 from resnet_probe.models.grouped import GroupedCifarNet, grouped_cross_entropy
+from resnet_probe.probes import probe
 
 SEEDS = [3, 11, 7]
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -152,6 +153,34 @@ def test_bad_inputs_raise_naming_what_is_accepted():
     grouped = GroupedCifarNet("residual", 8, seeds=[0, 1])
     with pytest.raises(ValueError, match=r"per-model batches \(S=2"):
         grouped(torch.randn(3, 2, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"2 models side by side; analyse each one: GroupedCifarNet.export"):
+        anatomy(grouped)  # lesions and paths would delete a block of every model at once
+    with pytest.raises(ValueError, match="would mix its 2 models"):
+        probe(grouped, metrics=("response", "gradient"))
+
+
+@pytest.mark.parametrize("family,option", [("residual", "A"), ("highway", "B")])
+def test_grouped_gradient_probe_gives_each_models_own_norms(family, option):
+    """Per model: the norms a probe on the lone model records for the same batch (float64)."""
+    config = dict(family=family, depth=8, option=option)
+    lone = [m.double() for m in lone_models(SEEDS, **config)]
+    grouped = GroupedCifarNet.from_models(lone)
+    x, y = batches(1, len(SEEDS))[0]
+    x = x.double()
+    with probe(grouped, metrics="gradient") as session:
+        grouped_cross_entropy(grouped(x), y).sum().backward()
+        session.record_gradients(step=3)
+    got = session.table()
+    assert sorted(got["model_index"].unique()) == [0, 1, 2] and set(got["step"]) == {3}
+    for s, model in enumerate(lone):
+        with probe(model, metrics="gradient") as lone_session:
+            torch.nn.functional.cross_entropy(model(x[s]), y[s]).backward()
+            lone_session.record_gradients(step=3)
+        want = lone_session.table().set_index(["site", "metric"])["value"]
+        mine = got[got["model_index"] == s].set_index(["site", "metric"])["value"]
+        assert len(want) == 2 * len(anatomy(model)) and (want > 0).all()
+        for key, value in want.items():
+            assert mine[key] == pytest.approx(value, rel=1e-9), (s, key)
 
 
 # ---- Lightning: GroupedClassifier ------------------------------------------------------------------

@@ -230,6 +230,31 @@ def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, to
     model.eval()
 
 
+def test_activation_gradient_norm_of_a_large_float32_batch_matches_float64():
+    """A million float32 values per block output: a single float32 reduction would be ~1e-4 off."""
+    torch.manual_seed(5)
+    model = build_model("residual", 8).train()
+    outs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+    hooks = [b.module.register_forward_hook(keep) for b in anatomy(model).blocks]
+    try:
+        with probe(model, metrics="gradient") as session:
+            F.cross_entropy(model(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,))).backward()
+            session.record_gradients()
+    finally:
+        for h in hooks:
+            h.remove()
+    df = session.table()
+    for blk, g in zip(anatomy(model).blocks, [o.grad for o in outs]):
+        assert g.numel() >= 2 ** 18
+        assert _value(df, f"{blk.name}.out", "activation_grad_norm") == pytest.approx(
+            g.double().norm().item(), rel=1e-9)
+    model.zero_grad(set_to_none=True)
+
+
 # -- session ownership: exact handles, nesting, failure, notebooks ---------------------------------------
 def test_unknown_site_raises_listing_the_valid_sites():
     model = build_model("residual", 8)

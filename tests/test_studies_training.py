@@ -96,6 +96,38 @@ def test_zoo_records_curves_and_gradients_of_every_block(zoo):
     assert_complete_report(zoo, ["curves"])
 
 
+def test_several_seeds_train_side_by_side_and_export_ordinary_checkpoints(tmp_path):
+    """Seeds 0 and 3 as one grouped net: seed 0 ends as the lone seed-0 run; seed 3 is its own model."""
+    from resnet_probe.checkpoints import load_model
+
+    residual_8 = ["--set", "families=('residual',)", "--set", "depths=(8,)", "--set", "augment=True"]
+    side = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "3", "--out", str(tmp_path / "side")])
+    lone = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "--out", str(tmp_path / "lone")])
+    assert (side / "models" / "residual-8-seeds0-3" / "metrics.csv").is_file()
+    final = pd.read_csv(side / "tables" / "final.csv").set_index(["seed", "metric"])["value"]
+    lone_final = pd.read_csv(lone / "tables" / "final.csv").set_index(["seed", "metric"])["value"]
+    for metric in ("train_loss", "val_loss", "test_loss"):
+        assert final[(0, metric)] == pytest.approx(lone_final[(0, metric)], rel=1e-4), metric
+    assert final[(3, "test_loss")] != pytest.approx(final[(0, "test_loss")], rel=1e-3)
+
+    models = train_zoo.zoo_checkpoints(side)
+    assert list(models["seed"]) == [0, 3]
+    weights = [load_model(c)[0].state_dict() for c in models["checkpoint"]]
+    lone_weights = load_model(train_zoo.zoo_checkpoints(lone)["checkpoint"].iloc[0])[0].state_dict()
+    for key, value in lone_weights.items():
+        torch.testing.assert_close(weights[0][key], value, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(weights[1]["stem.conv.weight"], weights[0]["stem.conv.weight"])
+
+    curves = pd.read_csv(side / "tables" / "curves.csv")
+    assert set(curves.groupby("seed")["split"].unique().map(frozenset)) == {frozenset({"train", "val"})}
+    grads = pd.read_csv(side / "tables" / "gradients.csv")
+    lone_grads = pd.read_csv(lone / "tables" / "gradients.csv")
+    key = ["site", "metric", "step"]
+    mine = grads[grads["seed"] == 0].set_index(key)["value"].sort_index()
+    pd.testing.assert_series_equal(mine, lone_grads.set_index(key)["value"].sort_index(), rtol=1e-4)
+    assert set(grads["seed"]) == {0, 3} and len(grads) == 2 * len(lone_grads)
+
+
 def test_degradation_reads_the_zoo_and_states_the_depth_gap(zoo, out):
     run = degradation.main(["--zoo", str(zoo)] + out)
     html = assert_complete_report(run, ["error_curves", "final_error"])

@@ -8,7 +8,10 @@ projection of Bottleneck ``layer1.0``). Reading the anatomy changes neither the 
 nor its ``state_dict``: it holds references to existing modules and adds nothing to them.
 
 Supported: this package's ``CifarNet`` (plain, residual, highway, preact) and torchvision ResNets
-built from ``BasicBlock`` / ``Bottleneck`` (resnet18...152, resnext, wide_resnet).
+built from ``BasicBlock`` / ``Bottleneck`` (resnet18...152, resnext, wide_resnet). A
+``GroupedCifarNet`` (S models side by side) has an anatomy only on request (``grouped=True``): its
+blocks hold S models' channel blocks at once, which only per-model-aware tools (the gradient
+probe) can read.
 """
 from __future__ import annotations
 
@@ -108,12 +111,17 @@ def check_lesion_mode(mode: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class Anatomy:
-    """A model as ``head(block_n(...block_1(stem(x))))``."""
+    """A model as ``head(block_n(...block_1(stem(x))))``.
+
+    ``num_models`` is S for a grouped network (activations ``(N, S*C, ...)``, channel block ``s``
+    belonging to model ``s``; parameters concatenated by model along their first axis), else 1.
+    """
 
     model: nn.Module
     stem: Callable[[torch.Tensor], torch.Tensor]
     blocks: tuple[BlockAnatomy, ...]
     head: Callable[[torch.Tensor], torch.Tensor]
+    num_models: int = 1
     by_name: dict[str, BlockAnatomy] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -173,16 +181,28 @@ class Anatomy:
         return sorted(set(out))
 
 
-def anatomy(model: nn.Module) -> Anatomy:
+def anatomy(model: nn.Module, grouped: bool = False) -> Anatomy:
     """The block anatomy of a supported model.
 
+    Args:
+        model: a CIFAR net or a torchvision ResNet.
+        grouped: also accept a ``GroupedCifarNet`` (its anatomy has ``num_models = S``).
+
     Raises:
-        TypeError: the model has no recognisable residual blocks (naming what is supported).
+        TypeError: the model has no recognisable residual blocks (naming what is supported), or it
+            is a grouped network and ``grouped`` is false.
     """
     from .cifar import CifarNet
+    from .grouped import GroupedCifarNet
 
     if isinstance(model, CifarNet):
-        return _cifar_anatomy(model)
+        return _cifar_anatomy(model, model.family)
+    if isinstance(model, GroupedCifarNet):
+        if not grouped:
+            raise TypeError(f"this GroupedCifarNet holds {model.num_models} models side by side; analyse "
+                            "each one: GroupedCifarNet.export() (or GroupedClassifier.export_checkpoints) "
+                            "gives them as ordinary CifarNets")
+        return _cifar_anatomy(model, model.config["family"], model.num_models)
     # Imported only when needed: torchvision's model zoo is slow to import.
     from .torchvision_adapter import is_torchvision_resnet, torchvision_anatomy
 
@@ -193,12 +213,12 @@ def anatomy(model: nn.Module) -> Anatomy:
                     "built from BasicBlock/Bottleneck (resnet18...152, resnext*, wide_resnet*)")
 
 
-def _cifar_anatomy(model) -> Anatomy:
+def _cifar_anatomy(model, family: str, num_models: int = 1) -> Anatomy:
     blocks = []
     for s, stage in enumerate(model.stages, start=1):
         for b, block in enumerate(stage):
             br = block.branch
-            if model.family == "preact":
+            if family == "preact":
                 layers = (("conv1", br.conv1), ("conv2", br.conv2))
             else:
                 layers = (("conv1", br.bn1), ("conv2", br.bn2))
@@ -207,5 +227,5 @@ def _cifar_anatomy(model) -> Anatomy:
                 name=f"stage{s}.block{b + 1}", path=f"stage{s}.{b}", stage=s, index=b + 1,
                 module=block, ops=block, layers=layers, shortcut_module=shortcut,
                 gate_module=block.gate, downsampling=block.downsampling,
-                post_activation=block.post_activation, family=model.family))
-    return Anatomy(model=model, stem=model.stem, blocks=tuple(blocks), head=model.head)
+                post_activation=block.post_activation, family=family))
+    return Anatomy(model=model, stem=model.stem, blocks=tuple(blocks), head=model.head, num_models=num_models)

@@ -12,7 +12,9 @@ only global rank 0 writes. Tables (rewritten atomically after each record) go in
 - ``probe_gradients.csv``: one row per (block, metric, step).
 
 Columns: run, seed, model, site, metric, value, step, epoch, then kind, stage, block,
-downsampling, path (see ``ProbeSession.table`` for the metrics). Under DDP the validation sampler
+downsampling, path (see ``ProbeSession.table`` for the metrics). On a ``GroupedClassifier`` (S
+seeds side by side) only gradient norms can be recorded (``every_n_epochs=0``), one row per model,
+whose ``seed`` column is that model's seed. Under DDP the validation sampler
 may repeat a few examples to give every rank the same number; use a validation set whose size
 divides evenly for exact single-process equality.
 """
@@ -156,7 +158,8 @@ class ProbeCallback(pl.Callback):
         model = self.model_name or (f"{hp['family']}-{hp['depth']}" if "family" in hp and "depth" in hp
                                     else type(pl_module.model).__name__)
         step = row.get("step")
-        return {"run": self.run or self.folder.name, "seed": hp.get("seed"), "model": model,
+        seed = hp["seeds"][row["model_index"]] if "model_index" in row else hp.get("seed")
+        return {"run": self.run or self.folder.name, "seed": seed, "model": model,
                 "site": row["site"], "metric": row["metric"], "value": row["value"],
                 "step": trainer.global_step if step is None else step, "epoch": trainer.current_epoch,
                 "kind": row["kind"], "stage": row["stage"], "block": row["block"],

@@ -10,8 +10,12 @@ Definitions, per block and per optimisation step:
   from a forward hook; module backward hooks break on in-place ops and are not used). Several
   backward passes before one ``record`` add up their squared norms.
 
-Norms are kept on the device; ``history`` holds one (2, blocks) float64 tensor of squared norms per
-recorded step and is copied to the host only when read.
+For a grouped network of S models side by side (``GroupedCifarNet``) both norms are taken per model:
+model ``s``'s share of a parameter is its ``s``-th slice along the first axis, and its share of a
+block output is channel block ``s``; rows then carry ``model_index``.
+
+Norms are kept on the device; ``history`` holds one (2, S, blocks) float64 tensor of squared norms
+per recorded step (S = 1 for an ordinary network) and is copied to the host only when read.
 """
 from __future__ import annotations
 
@@ -33,10 +37,12 @@ class GradientProbe:
     Args:
         blocks: the blocks to measure.
         watch: where non-finite gradients are recorded.
+        num_models: S, the models laid side by side in the network (1 for an ordinary network).
     """
 
-    def __init__(self, blocks: list[BlockAnatomy], watch: NonFiniteWatch):
+    def __init__(self, blocks: list[BlockAnatomy], watch: NonFiniteWatch, num_models: int = 1):
         self.blocks = list(blocks)
+        self.num_models = num_models
         self.params = [[p for p in b.module.parameters() if p.requires_grad] for b in self.blocks]
         self.watch = watch
         self.param_index = [watch.register(f"{b.name} (parameter gradient)") for b in self.blocks]
@@ -59,12 +65,11 @@ class GradientProbe:
         if not self.active:
             return
         with torch.no_grad():
-            rdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            q = torch.linalg.vector_norm(grad.detach(), dtype=rdt).to(torch.float64).square()
+            q = _squared_norms_by_model(grad.detach(), self.num_models)
             if self._act is None:
-                self._act = zeros(len(self.blocks), q.device)
-            self._act[i] += q
-        self.watch.check(self.act_index[i], q)
+                self._act = zeros((self.num_models, len(self.blocks)), q.device)
+            self._act[:, i] += q
+        self.watch.check(self.act_index[i], q.sum())
 
     def record(self, step: int | None = None) -> None:
         """Read every block's parameter gradients (after backward) and close the step.
@@ -81,18 +86,26 @@ class GradientProbe:
             per_block.append(len(held))
         dev = grads[0].device if grads else (self._act.device if self._act is not None
                                                else torch.device("cpu"))
+        shape = (self.num_models, len(self.blocks))
         with torch.no_grad():
             if grads:
-                norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).to(dev).square()
-                sq = torch.stack([part.sum() for part in norms.split(per_block)])  # deterministic
+                norms = self._squared_norms(grads).to(dev)  # (parameters, S)
+                sq = torch.stack([part.sum(0) for part in norms.split(per_block)], dim=1)  # deterministic
             else:
-                sq = zeros(len(self.blocks), dev)
-            act = self._act if self._act is not None else zeros(len(self.blocks), dev)
+                sq = zeros(shape, dev)
+            act = self._act if self._act is not None else zeros(shape, dev)
             entry = torch.stack((sq, act.to(dev)))
             self._act = None
-        self.watch.check_all(self.param_index[0], list(sq.unbind()))  # blocks registered consecutively
+        self.watch.check_all(self.param_index[0], list(sq.sum(0).unbind()))  # blocks registered consecutively
         self.history.append((self._steps if step is None else int(step), entry))
         self._steps += 1
+
+    def _squared_norms(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Squared L2 norm of each gradient's share of each model, shape (parameters, S), float64."""
+        if self.num_models == 1:
+            return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().unsqueeze(1)
+        return torch.stack([torch.linalg.vector_norm(g.reshape(self.num_models, -1), dim=1,
+                                                     dtype=torch.float64) for g in grads]).square()
 
     def reset(self) -> None:
         self.history.clear()
@@ -107,16 +120,33 @@ class GradientProbe:
         return [entry[1] for _, entry in self.history]
 
     def rows(self) -> list[dict]:
-        """Tidy rows ``(site, kind="gradient", metric, value, step, ...)`` (one host sync)."""
+        """Tidy rows ``(site, kind="gradient", metric, value, step, ...)`` (one host sync); with
+        several models side by side, one row per model, labelled ``model_index``."""
         if not self.history:
             return []
         values = torch.stack([e for _, e in self.history]).sqrt().cpu().tolist()
+        grouped = self.num_models > 1
         rows = []
         for (step, _), per_step in zip(self.history, values):
-            for i, b in enumerate(self.blocks):
-                for metric, site, v in (("param_grad_norm", b.name, per_step[0][i]),
-                                        ("activation_grad_norm", f"{b.name}.out", per_step[1][i])):
-                    rows.append({"site": site, "stage": b.stage, "block": b.index, "kind": "gradient",
-                                 "metric": metric, "value": v, "downsampling": b.downsampling,
-                                 "path": b.path, "step": step})
+            for s in range(self.num_models):
+                for i, b in enumerate(self.blocks):
+                    for metric, site, v in (("param_grad_norm", b.name, per_step[0][s][i]),
+                                            ("activation_grad_norm", f"{b.name}.out", per_step[1][s][i])):
+                        row = {"site": site, "stage": b.stage, "block": b.index, "kind": "gradient",
+                               "metric": metric, "value": v, "downsampling": b.downsampling,
+                               "path": b.path, "step": step}
+                        rows.append({**row, "model_index": s} if grouped else row)
         return rows
+
+
+def _squared_norms_by_model(grad: torch.Tensor, num_models: int) -> torch.Tensor:
+    """``sum grad^2`` of each model's channel block, shape (S,), float64.
+
+    Each (example, channel) piece is reduced in the gradient's precision (float32 for lower ones),
+    a short sum; the pieces are added in float64. One float32 reduction over a whole activation
+    would be off by ~1e-4 (relative) at a million values.
+    """
+    rdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    pieces = (torch.linalg.vector_norm(grad, dim=tuple(range(2, grad.dim())), dtype=rdt) if grad.dim() > 2
+              else grad.abs().to(rdt))
+    return pieces.to(torch.float64).square().reshape(grad.shape[0], num_models, -1).sum((0, 2))

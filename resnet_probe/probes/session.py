@@ -65,14 +65,19 @@ class ProbeSession:
         model = _unwrap(model)
         refuse_compiled(model)
         self.model = model
-        self.anatomy = anatomy(model)
+        self.anatomy = anatomy(model, grouped=True)
+        if self.anatomy.num_models > 1 and "response" in metrics:
+            raise ValueError(f"response statistics of a grouped network would mix its {self.anatomy.num_models} "
+                             "models; probe each exported model (GroupedCifarNet.export()) for responses, "
+                             "or use metrics=('gradient',), which is measured per model")
         self.strict = strict
         chosen = select_sites(all_sites(self.anatomy), sites)
         self.watch = NonFiniteWatch()
         self.response = ResponseProbe(chosen, self.watch, raw) if "response" in metrics else None
         names = {s.block.name for s in chosen}
         blocks = [b for b in self.anatomy.blocks if b.name in names]
-        self.gradient = GradientProbe(blocks, self.watch) if "gradient" in metrics else None
+        self.gradient = (GradientProbe(blocks, self.watch, self.anatomy.num_models)
+                         if "gradient" in metrics else None)
         self.sites = [s.name for s in chosen]
         self._warned: set[str] = set()
         self._handles: list = []
@@ -203,7 +208,7 @@ class ProbeSession:
         ``channel_std_mean`` (mean over channels of the per-channel std), ``rms``; gates add
         ``saturated_fraction``; kind ``ratio`` rows (site = block name) hold ``norm_ratio``
         = ||F(x)|| / ||S(x)||. Gradient rows: ``param_grad_norm`` and ``activation_grad_norm``
-        per block and recorded step.
+        per block and recorded step (and, for a grouped network, per ``model_index``, an extra column).
         """
         self.check_finite()
         return self._frame()
@@ -214,7 +219,8 @@ class ProbeSession:
             rows += self.response.rows()
         if self.gradient is not None:
             rows += self.gradient.rows()
-        df = pd.DataFrame(rows, columns=list(COLUMNS))
+        columns = list(COLUMNS) + (["model_index"] if self.anatomy.num_models > 1 else [])
+        df = pd.DataFrame(rows, columns=columns)
         df["step"] = df["step"].astype("Int64")
         return df
 
@@ -251,7 +257,8 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
 
     Args:
         model: any model ``resnet_probe.models.anatomy`` supports (CIFAR nets, torchvision
-            ResNets), uncompiled; a (Distributed)DataParallel wrapper is looked through.
+            ResNets), uncompiled; a (Distributed)DataParallel wrapper is looked through. A
+            ``GroupedCifarNet`` takes the gradient probe only, which measures each model apart.
         sites: site names or fnmatch patterns (``"*"``, ``"stage2.*.branch"``); see ``sites.py``.
         metrics: ``"response"`` (streaming activation statistics) and/or ``"gradient"``
             (per-step gradient norms; call ``session.record_gradients()`` after each backward).
@@ -264,7 +271,8 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
         ``with`` statement does); a dropped session removes its hooks when garbage-collected.
 
     Raises:
-        ValueError: unknown metric, or a site pattern matching nothing (lists the valid sites).
+        ValueError: unknown metric, a site pattern matching nothing (lists the valid sites), or
+            responses asked of a grouped network.
         RuntimeError: the model is compiled ("attach probes before torch.compile").
     """
     return ProbeSession(model, sites=sites, metrics=metrics, raw=raw, strict=strict)

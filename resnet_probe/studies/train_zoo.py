@@ -4,7 +4,11 @@ Question: the input of every other study -- the same networks, trained the same 
 Each model is trained through the project's LightningModule and written to
 ``<run>/models/<family>-<depth>-seed<s>/`` (``last.ckpt``, Lightning's ``metrics.csv``, and
 ``probe_gradients.csv``: per-block parameter-gradient norms recorded by ``ProbeCallback`` every few
-steps). The run's tables are ``curves`` (training / validation error and loss against the iteration),
+steps). Several seeds of one architecture are trained side by side as one grouped network
+(``GroupedClassifier``; ``--set seeds_side_by_side=False`` trains them one at a time): they share
+the first seed's validation split, each has its own weights, batch order and augmentation, their
+log and gradient norms go to ``<family>-<depth>-seeds<a>-<b>.../`` and each model is exported as an
+ordinary ``<family>-<depth>-seed<s>/last.ckpt``. The run's tables are ``curves`` (training / validation error and loss against the iteration),
 ``final`` (per model and seed: final train / validation / test error and loss, steps, seconds, and the
 ``checkpoint`` path relative to the run folder) and ``gradients`` (the gradient records of all models).
 
@@ -39,7 +43,8 @@ QUICK: dict[str, Any] = dict(
     batch_size=64, augment=False,        # batch 64: twice the optimizer steps of 128 at the same CPU cost
     log_every_n_steps=10,                # optimizer steps between training-curve points
     val_every_n_steps=63,                # optimizer steps between validation-curve points (= 1 epoch)
-    grad_every_n_steps=5)                # optimizer steps between gradient-norm records
+    grad_every_n_steps=5,                # optimizer steps between gradient-norm records
+    seeds_side_by_side=True)             # several seeds: trained as one grouped network
 PAPER: dict[str, Any] = dict(
     families=FAMILIES, depths=(20, 32, 44, 56, 110),
     recipe="paper", lr=0.1,
@@ -49,7 +54,8 @@ PAPER: dict[str, Any] = dict(
     batch_size=128, augment=True,
     log_every_n_steps=100,
     val_every_n_steps=2000,
-    grad_every_n_steps=500)
+    grad_every_n_steps=500,
+    seeds_side_by_side=True)
 
 
 def model_name(family: str, depth: int) -> str:
@@ -99,41 +105,95 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial (paper) or peak (fast) learning rate")
 
 
-def _curves(metrics_csv: Path, validations: list[tuple[int, float, float]], keys: dict) -> "pd.DataFrame":
+def _curves(metrics_csv: Path, validations: list[tuple[int, dict]], keys: dict, model: str = "") -> "pd.DataFrame":
     """Tidy training curves: error in percent and loss against the optimizer step.
 
     Training points are Lightning's ``train_*_step`` records (the mean over the batches since the previous
-    record, in training mode); validation points are ``(step, error, loss)`` after ``step`` optimizer steps.
+    record, in training mode); validation points are ``(step, metrics)`` after ``step`` optimizer steps.
+    ``model`` is the suffix of one model's columns in a side-by-side run (``/model1``), else empty.
     """
     import pandas as pd
     raw = pd.read_csv(metrics_csv)
     rows = []
     for column, metric, scale in (("train_error_step", "error_percent", 100.0), ("train_loss_step", "loss", 1.0)):
+        column += model
         if column in raw:
             part = raw[["step", column]].dropna().groupby("step", as_index=False).last()
             rows += [{**keys, "site": "network", "split": "train", "metric": metric, "value": float(v) * scale,
                       "step": int(step)} for step, v in zip(part["step"], part[column])]
-    for step, error, loss in {step: (step, e, l) for step, e, l in validations}.values():
-        rows += [{**keys, "site": "network", "split": "val", "metric": "error_percent", "value": 100.0 * error,
-                  "step": step},
-                 {**keys, "site": "network", "split": "val", "metric": "loss", "value": loss, "step": step}]
+    for step, m in dict(validations).items():
+        rows += [{**keys, "site": "network", "split": "val", "metric": "error_percent",
+                  "value": 100.0 * m["val_error" + model], "step": step},
+                 {**keys, "site": "network", "split": "val", "metric": "loss", "value": m["val_loss" + model],
+                  "step": step}]
     return pd.DataFrame(rows).sort_values(["split", "metric", "step"], kind="stable", ignore_index=True)
 
 
 def _validation_recorder():
-    """A callback keeping ``(optimizer steps done, val_error, val_loss)`` after every validation."""
+    """A callback keeping ``(optimizer steps done, {val metric: value})`` after every validation."""
     import pytorch_lightning as pl
 
     class ValidationCurve(pl.Callback):
         def __init__(self):
-            self.points: list[tuple[int, float, float]] = []
+            self.points: list[tuple[int, dict[str, float]]] = []
 
         def on_validation_end(self, trainer, pl_module) -> None:
             m = trainer.callback_metrics
             if "val_error" in m and not trainer.sanity_checking:
-                self.points.append((int(trainer.global_step), float(m["val_error"]), float(m["val_loss"])))
+                self.points.append((int(trainer.global_step),
+                                    {k: float(v) for k, v in m.items() if k.startswith("val_")}))
 
     return ValidationCurve()
+
+
+def _training_run(module, dm, out_dir: Path, settings: dict, device: str, run_name: str, name: str):
+    """The Trainer of one zoo training (the module's recipe length, CSV log, validation every
+    ``val_every_n_steps``) with its gradient-norm callback (``probe_gradients.csv``), and its
+    validation-curve callback."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ..probes.callback import ProbeCallback
+
+    s = settings
+    grads = ProbeCallback(sites="*", every_n_epochs=0, every_n_steps=s["grad_every_n_steps"], out_dir=out_dir,
+                          run=run_name, model_name=name)
+    validations = _validation_recorder()
+    limits = module.trainer_limits
+    steps = limits["max_steps"] if limits["max_steps"] >= 0 else limits["max_epochs"] * dm.steps_per_epoch
+    cuda = device == "cuda"
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+        **limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads, validations],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=s["log_every_n_steps"],
+        val_check_interval=min(s["val_every_n_steps"], steps), check_val_every_n_epoch=None)
+    return trainer, validations
+
+
+def _data(source, settings: dict, seed: int):
+    from ..data import CifarDataModule
+    s = settings
+    return CifarDataModule.from_source(source, batch_size=s["batch_size"], val_size=s["val_size"], split_seed=seed,
+                                       train_limit=s["train_limit"], test_limit=s["test_limit"],
+                                       augment=s["augment"], seed=seed)
+
+
+def _final(train: dict, val: dict, test: dict, steps: int, seconds: float, model: str = "") -> dict[str, float]:
+    nan = float("nan")
+    return {"train_error_percent": 100 * train.get("train_error" + model, nan),
+            "train_loss": train.get("train_loss" + model, nan),
+            "val_error_percent": 100 * val["val_error" + model], "val_loss": val["val_loss" + model],
+            "test_error_percent": 100 * test["test_error" + model], "test_loss": test["test_loss" + model],
+            "steps": float(steps), "train_seconds": seconds}
+
+
+def _gradients(out_dir: Path, family: str, depth: int) -> "pd.DataFrame":
+    import pandas as pd
+
+    from ..probes.callback import GRADIENTS_CSV
+    path = out_dir / GRADIENTS_CSV
+    return pd.read_csv(path).assign(family=family, depth=depth) if path.is_file() else pd.DataFrame()
 
 
 def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_dir: Path, device: str = "cpu",
@@ -153,38 +213,18 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
     Returns:
         ``{"final": {metric: value}, "curves": DataFrame, "gradients": DataFrame, "checkpoint": Path}``.
     """
-    import pandas as pd
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import CSVLogger
-
     from ..atomic import atomic_path
-    from ..data import CifarDataModule
-    from ..probes.callback import GRADIENTS_CSV, ProbeCallback
     from ..train import CifarClassifier
     from ..train.quick import quiet_lightning
 
     s = settings
     out_dir.mkdir(parents=True, exist_ok=True)
-    dm = CifarDataModule.from_source(source, batch_size=s["batch_size"], val_size=s["val_size"], split_seed=seed,
-                                     train_limit=s["train_limit"], test_limit=s["test_limit"],
-                                     augment=s["augment"], seed=seed)
+    dm = _data(source, s, seed)
     module = CifarClassifier(family, depth, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
                              max_steps=s["max_steps"], seed=seed, log_every_n_steps=s["log_every_n_steps"])
     name = model_name(family, depth)
-    steps = module.trainer_limits["max_steps"]
-    if steps < 0:
-        steps = module.trainer_limits["max_epochs"] * dm.steps_per_epoch
-    grads = ProbeCallback(sites="*", every_n_epochs=0, every_n_steps=s["grad_every_n_steps"], out_dir=out_dir,
-                          run=run_name, model_name=name)
-    validations = _validation_recorder()
-    cuda = device == "cuda"
     with quiet_lightning():
-        trainer = pl.Trainer(
-            accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-            **module.trainer_limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads, validations],
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, log_every_n_steps=s["log_every_n_steps"],
-            val_check_interval=min(s["val_every_n_steps"], steps), check_val_every_n_epoch=None)
+        trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - start
@@ -194,41 +234,92 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
     ckpt = out_dir / "last.ckpt"
     with atomic_path(ckpt) as tmp:
         trainer.save_checkpoint(tmp, weights_only=False)
-    final = {"train_error_percent": 100 * train_metrics.get("train_error", float("nan")),
-             "train_loss": train_metrics.get("train_loss", float("nan")),
-             "val_error_percent": 100 * val["val_error"], "val_loss": val["val_loss"],
-             "test_error_percent": 100 * test["test_error"], "test_loss": test["test_loss"],
-             "steps": float(trainer.global_step), "train_seconds": seconds}
     keys = {"run": run_name, "seed": seed, "model": name, "family": family, "depth": depth}
-    curves = _curves(out_dir / "metrics.csv", validations.points, keys)
-    grad_csv = out_dir / GRADIENTS_CSV
-    gradients = pd.read_csv(grad_csv).assign(family=family, depth=depth) if grad_csv.is_file() else pd.DataFrame()
-    return {"final": final, "curves": curves, "gradients": gradients, "checkpoint": ckpt}
+    return {"final": _final(train_metrics, val, test, trainer.global_step, seconds),
+            "curves": _curves(out_dir / "metrics.csv", validations.points, keys),
+            "gradients": _gradients(out_dir, family, depth), "checkpoint": ckpt}
+
+
+def fit_side_by_side(family: str, depth: int, seeds: list[int], source, settings: dict, models_dir: Path,
+                     device: str = "cpu", run_name: str = "") -> list[dict[str, Any]]:
+    """Train one network per seed as one grouped network (``GroupedClassifier``), as ``fit_model`` would each.
+
+    Model ``s`` starts from seed ``seeds[s]``'s weights and gets its own batch order and augmentation
+    (seeded ``seeds[s]``); the models share the validation split of ``seeds[0]`` and are validated and
+    tested on the same images. The run's log (``metrics.csv`` with per-model columns) and gradient norms
+    (``probe_gradients.csv``, one row per model) go to ``<models_dir>/<name>-seeds<a>-<b>...``; each
+    model is exported as an ordinary checkpoint, ``<models_dir>/<name>-seed<s>/last.ckpt``.
+
+    Returns:
+        one ``fit_model`` result per seed, in order (``train_seconds`` is the shared training time).
+    """
+    from ..train.grouped import GroupedClassifier, per_model_train_batches
+    from ..train.quick import quiet_lightning
+
+    s = settings
+    name = model_name(family, depth)
+    out_dir = models_dir / f"{name}-seeds{'-'.join(map(str, seeds))}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dm = _data(source, s, seeds[0])
+    dm.setup("fit")
+    module = GroupedClassifier(family, depth, seeds=seeds, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
+                               max_steps=s["max_steps"], log_every_n_steps=s["log_every_n_steps"])
+    with quiet_lightning():
+        trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
+        start = time.perf_counter()
+        trainer.fit(module, train_dataloaders=per_model_train_batches(dm, seeds),
+                    val_dataloaders=dm.val_dataloader())
+        seconds = time.perf_counter() - start
+        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
+        val = trainer.validate(module, dataloaders=dm.val_dataloader(), verbose=False)[0]
+        test = trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)[0]
+    checkpoints = module.export_checkpoints(models_dir, filename=f"{name}-seed{{seed}}/last.ckpt")
+    gradients = _gradients(out_dir, family, depth)
+    out = []
+    for i, (seed, ckpt) in enumerate(zip(seeds, checkpoints)):
+        keys = {"run": run_name, "seed": seed, "model": name, "family": family, "depth": depth}
+        mine = f"/model{i}"
+        out.append({"final": _final(train_metrics, val, test, trainer.global_step, seconds, mine),
+                    "curves": _curves(out_dir / "metrics.csv", validations.points, keys, mine),
+                    "gradients": gradients[gradients["seed"] == seed] if len(gradients) else gradients,
+                    "checkpoint": ckpt})
+    return out
 
 
 def train_models(run, source, settings: dict, seeds, device: str = "cpu") -> dict[str, "pd.DataFrame"]:
     """Train every (family, depth, seed) of ``settings`` into ``run``'s folder and add its tables.
 
-    Adds the tables ``curves``, ``final`` and ``gradients`` to ``run`` after each model (so an interrupted
-    run keeps the finished models) and returns them.
+    Several seeds are trained side by side as one grouped network (``fit_side_by_side``) unless
+    ``settings["seeds_side_by_side"]`` is false; then, and for a single seed, one at a time
+    (``fit_model``). Adds the tables ``curves``, ``final`` and ``gradients`` to ``run`` after each
+    (family, depth) (so an interrupted run keeps the finished models) and returns them.
     """
     import pandas as pd
     curves, finals, grads = [], [], []
+    seeds = list(seeds)
+    side_by_side = settings.get("seeds_side_by_side", True) and len(seeds) > 1
     for family, depth in model_grid(settings):
-        for seed in seeds:
-            name = model_name(family, depth)
-            print(f"train_zoo: training {name} seed {seed}", flush=True)
-            out = run.path / "models" / f"{name}-seed{seed}"
-            r = fit_model(family, depth, seed, source, settings, out, device, run.path.name)
+        name = model_name(family, depth)
+        if side_by_side:
+            print(f"train_zoo: training {name} seeds {', '.join(map(str, seeds))} side by side", flush=True)
+            results = fit_side_by_side(family, depth, seeds, source, settings, run.path / "models", device,
+                                       run.path.name)
+        else:
+            results = []
+            for seed in seeds:
+                print(f"train_zoo: training {name} seed {seed}", flush=True)
+                out = run.path / "models" / f"{name}-seed{seed}"
+                results.append(fit_model(family, depth, seed, source, settings, out, device, run.path.name))
+        for seed, r in zip(seeds, results):
             curves.append(r["curves"])
             grads.append(r["gradients"])
             rel = r["checkpoint"].relative_to(run.path).as_posix()
             finals += [{"run": run.path.name, "seed": seed, "model": name, "family": family, "depth": depth,
                         "metric": k, "value": float(v), "checkpoint": rel} for k, v in r["final"].items()]
-            run.add_table("curves", pd.concat(curves, ignore_index=True))
-            run.add_table("final", pd.DataFrame(finals))
-            if any(len(g) for g in grads):
-                run.add_table("gradients", pd.concat([g for g in grads if len(g)], ignore_index=True))
+        run.add_table("curves", pd.concat(curves, ignore_index=True))
+        run.add_table("final", pd.DataFrame(finals))
+        if any(len(g) for g in grads):
+            run.add_table("gradients", pd.concat([g for g in grads if len(g)], ignore_index=True))
     return {"curves": run.table("curves"), "final": run.table("final"),
             "gradients": run.table("gradients") if "gradients" in run.tables else pd.DataFrame()}
 
@@ -264,11 +355,14 @@ def describe(settings: dict, seeds) -> str:
     length = (f"{settings['max_steps']:,} iterations" if settings["max_steps"] else f"{settings['epochs']} epochs")
     images = "all training images" if settings["train_limit"] is None else f"{settings['train_limit']:,} training images"
     tests = "all" if settings["test_limit"] is None else f"{settings['test_limit']:,}"
+    together = (f" The seeds of each network were trained side by side as one grouped network, sharing seed "
+                f"{seeds[0]}'s validation split, each with its own initialisation, batch order and augmentation."
+                if settings.get("seeds_side_by_side", True) and len(seeds) > 1 else "")
     return (f"Families {', '.join(settings['families'])}; depths {_depths_text(settings)}; "
             f"seeds {', '.join(map(str, seeds))}. Recipe `{settings['recipe']}` (lr {settings['lr']}), {length}, "
             f"batch {settings['batch_size']}, {images} ({settings['val_size']:,} held out for validation), "
             f"augmentation {'pad-4 crop + flip' if settings['augment'] else 'off'}; test error on "
-            f"{tests} test images.")
+            f"{tests} test images.{together}")
 
 
 def parse_zoo_study(name: str, description: str, zoo_help: str | None, argv: list[str] | None,

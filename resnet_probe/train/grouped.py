@@ -170,8 +170,9 @@ class GroupedClassifier(RecipeModule):
 
     # ---- export ----------------------------------------------------------------------------------------
 
-    def export_checkpoints(self, directory: str | Path) -> list[Path]:
-        """Write one ordinary ``CifarClassifier`` checkpoint per model: ``model{s}-seed{seed}.ckpt``.
+    def export_checkpoints(self, directory: str | Path,
+                           filename: str = "model{index}-seed{seed}.ckpt") -> list[Path]:
+        """Write one ordinary ``CifarClassifier`` checkpoint per model: ``directory / filename``.
 
         Each holds that model's exact weights and BatchNorm buffers and the ``CifarClassifier``
         hyperparameters of its lone counterpart (``seed = seeds[s]``), so
@@ -180,6 +181,8 @@ class GroupedClassifier(RecipeModule):
 
         Args:
             directory: destination folder (created if missing); files are written atomically.
+            filename: the file name, formatted with the model's ``index`` (0..S-1) and ``seed``; it
+                may name a subfolder (``"residual-20-seed{seed}/last.ckpt"``).
 
         Returns:
             The checkpoint paths, in model order.
@@ -187,11 +190,13 @@ class GroupedClassifier(RecipeModule):
         from .module import CifarClassifier
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        paths = [directory / filename.format(index=s, seed=seed) for s, seed in enumerate(self.hparams.seeds)]
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"filename {filename!r} gives several models the same path; use {{index}} "
+                             "(or {seed} with distinct seeds)")
         accepted = inspect.signature(CifarClassifier.__init__).parameters
         shared = {k: v for k, v in self.hparams.items() if k in accepted and k != "seeds"}
-        paths = []
-        for s, (model, seed) in enumerate(zip(self.model.export(), self.hparams.seeds)):
+        for s, (model, seed, path) in enumerate(zip(self.model.export(), self.hparams.seeds, paths)):
             lone = CifarClassifier(**shared, seed=seed)
             lone.model.load_state_dict(model.state_dict())
             checkpoint = {
@@ -202,8 +207,7 @@ class GroupedClassifier(RecipeModule):
                 "grouped": {"model_index": s, "num_models": self.num_models, "seeds": list(self.hparams.seeds),
                             "shared_batches": bool(self.hparams.shared_batches)},
             }
-            path = directory / f"model{s}-seed{seed}.ckpt"
+            path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save(checkpoint, tmp)
-            paths.append(path)
         return paths
