@@ -7,8 +7,9 @@ logits have a trained net's scale), both paths in the same run, same metrics com
 - the single-block sweep (54 deletion sets): prefix cache + per-sample gates vs 54 full forward
   passes under ``with lesion(model, [i])``;
 - a k-deletion sweep (paper: k = 1..20, 50 random sets each; small: fewer): batched vs loop;
-- the batched sweeps again with BN folded into the convolutions (``fold_bn=True``), and one
-  evaluation pass of the intact net with BN as is and folded.
+- the batched sweeps again with BN folded into the convolutions (``fold_bn=True``) and on the folded
+  copy compiled block by block (``evaluation_model(model, "compiled")``), and one evaluation pass of
+  the intact net eager, folded and compiled (compilation, done once before timing, reported apart).
 
 Each row reports the engine's and the loop's median time, their ratio, and whether the two paths
 gave the same per-example predictions and losses (bitwise on CPU). Issue targets on one H100:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ import torch
 from benchmarks.harness import calibrate_batchnorm, device_name, median_time, record, resolve_device
 from resnet_probe.lesion import evaluate_deletion_sets
 from resnet_probe.lesion.engine import default_max_batch
-from resnet_probe.models import build_model, fold_batchnorm
+from resnet_probe.models import build_model, evaluation_model, fold_batchnorm
 
 SIZES = {
     # images, examples per chunk, most rows per batched pass (None: the engine's default for the
@@ -41,13 +43,17 @@ SIZES = {
 }
 
 
-def _case(rows, name, model, sets, x, y, cfg, repeats, device, loop_sets=None):
-    """Time the batched engine on ``sets`` (BN as is and folded) and the loop on ``loop_sets`` of them."""
+def _case(rows, name, model, compiled, sets, x, y, cfg, repeats, device, loop_sets=None):
+    """Time the batched engine on ``sets`` (BN as is, folded, and on the ``compiled`` copy) and the loop
+    on ``loop_sets`` of them."""
     kw = dict(batch_size=cfg["batch_size"], max_batch=cfg["max_batch"])
     out = {}
 
     def batched(fold_bn=False):
         out[f"batched{fold_bn}"] = evaluate_deletion_sets(model, sets, x, y, engine="batched", fold_bn=fold_bn, **kw)
+
+    def batched_compiled():
+        out["compiled"] = evaluate_deletion_sets(compiled, sets, x, y, engine="batched", **kw)
 
     loop_subset = sets if loop_sets is None else sets[:loop_sets]
 
@@ -57,22 +63,27 @@ def _case(rows, name, model, sets, x, y, cfg, repeats, device, loop_sets=None):
     warmup = 1 if torch.device(device).type == "cuda" else 0  # CPU: no lazy initialisation to hide
     t_batched = median_time(batched, repeats=repeats, warmup=warmup, device=device)["median_ms"]
     t_folded = median_time(lambda: batched(True), repeats=repeats, warmup=warmup, device=device)["median_ms"]
+    t_compiled = median_time(batched_compiled, repeats=repeats, warmup=1, device=device)["median_ms"]
     t_loop = median_time(loop, repeats=repeats, warmup=0, device=device)["median_ms"]
     t_loop_total = t_loop * len(sets) / len(loop_subset)
-    a, f, b = out["batchedFalse"], out["batchedTrue"], out["loop"]
+    a, f, c, b = out["batchedFalse"], out["batchedTrue"], out["compiled"], out["loop"]
     m = len(loop_subset)
     rows.append({
         "case": name, "images": len(x), "sets": len(sets), "batched_ms": t_batched,
-        "batched_bn_folded_ms": t_folded, "loop_ms": t_loop_total, "loop_sets_timed": m,
-        "speedup": t_loop_total / t_batched, "speedup_bn_folded": t_loop_total / t_folded,
+        "batched_bn_folded_ms": t_folded, "batched_compiled_ms": t_compiled, "loop_ms": t_loop_total,
+        "loop_sets_timed": m, "speedup": t_loop_total / t_batched, "speedup_bn_folded": t_loop_total / t_folded,
+        "speedup_compiled": t_loop_total / t_compiled,
         "same_predictions": bool(np.array_equal(a.error[:m], b.error)),
         "max_abs_loss_diff": float(np.abs(a.loss[:m] - b.loss).max()),
         "bn_folded_max_abs_loss_diff": float(np.abs(f.loss[:m] - b.loss).max()),
+        "compiled_max_abs_loss_diff": float(np.abs(c.loss[:m] - b.loss).max()),
+        "compiled_same_predictions": bool(np.array_equal(c.error[:m], b.error)),
     })
 
 
-def _evaluation(rows, model, x, cfg, repeats, device) -> None:
-    """Time one pass of the intact model over the images, BN as is and folded into the convolutions."""
+def _evaluation(rows, model, compiled, x, cfg, repeats, device) -> None:
+    """Time one pass of the intact model over the images: BN as is, folded into the convolutions, and
+    the folded copy compiled block by block (compiled, and its first pass run, before timing)."""
     folded = fold_batchnorm(model)
 
     def run(net):
@@ -81,10 +92,16 @@ def _evaluation(rows, model, x, cfg, repeats, device) -> None:
                 net(x[i:i + cfg["batch_size"]])
 
     warmup = 1 if torch.device(device).type == "cuda" else 0
+    start = time.perf_counter()
+    run(compiled)  # compiles
+    compile_s = time.perf_counter() - start
     t = {name: median_time(lambda net=net: run(net), repeats=max(repeats, 3), warmup=warmup,
-                           device=device)["median_ms"] for name, net in (("as_is", model), ("folded", folded))}
+                           device=device)["median_ms"]
+         for name, net in (("as_is", model), ("folded", folded), ("compiled", compiled))}
     rows.append({"case": "evaluation of the intact net", "images": len(x), "sets": 1, "eval_ms": t["as_is"],
-                 "eval_bn_folded_ms": t["folded"], "speedup_bn_folded": t["as_is"] / t["folded"]})
+                 "eval_bn_folded_ms": t["folded"], "speedup_bn_folded": t["as_is"] / t["folded"],
+                 "eval_compiled_ms": t["compiled"], "speedup_compiled": t["as_is"] / t["compiled"],
+                 "compile_s": compile_s})
 
 
 def main(argv=None) -> None:
@@ -124,8 +141,9 @@ def main(argv=None) -> None:
 
 
 def _measure(rows, model, n, x, y, cfg, repeats, device) -> None:
-    _evaluation(rows, model, x, cfg, repeats, device)
-    _case(rows, "single-block sweep", model, [[i] for i in range(n)], x, y, cfg, repeats, device)
+    compiled = evaluation_model(model, "compiled")
+    _evaluation(rows, model, compiled, x, cfg, repeats, device)
+    _case(rows, "single-block sweep", model, compiled, [[i] for i in range(n)], x, y, cfg, repeats, device)
     rng = np.random.default_rng(0)
     k_sets = [sorted(rng.choice(n, size=k, replace=False).tolist())
               for k in cfg["ks"] for _ in range(cfg["sets_per_k"])]
@@ -133,7 +151,7 @@ def _measure(rows, model, n, x, y, cfg, repeats, device) -> None:
     timed_first = set(loop_ids.tolist())
     k_sets = [k_sets[i] for i in loop_ids] + [s for i, s in enumerate(k_sets) if i not in timed_first]
     _case(rows, f"k-deletion sweep (k={cfg['ks'][0]}..{cfg['ks'][-1]}, {cfg['sets_per_k']} sets each)",
-          model, k_sets, x, y, cfg, repeats, device, loop_sets=cfg["loop_sets"])
+          model, compiled, k_sets, x, y, cfg, repeats, device, loop_sets=cfg["loop_sets"])
 
 
 if __name__ == "__main__":

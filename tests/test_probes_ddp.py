@@ -165,6 +165,40 @@ def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(t
     assert (gradients.value > 0).all()
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_setup(tmp_path, one_thread):
+    """As ``CifarClassifier(compile=True)`` on CUDA: compiled in place in ``on_fit_start``. Gradient norms
+    (compiled steps) and validation responses (run eagerly) equal those of an eager run."""
+    import pytorch_lightning as pl
+
+    from resnet_probe.data import CifarDataModule, make_synthetic
+    from resnet_probe.probes.callback import ProbeCallback
+    from resnet_probe.train.module import CifarClassifier
+
+    class CompiledInFitStart(CifarClassifier):
+        def on_fit_start(self):
+            super().on_fit_start()
+            self.model.compile()
+
+    tables = {}
+    for name, cls in (("eager", CifarClassifier), ("compiled", CompiledInFitStart)):
+        dm = CifarDataModule.from_source(make_synthetic(n_train=48, n_test=8, seed=0), val_size=16, batch_size=16,
+                                         eval_batch_size=16, augment=False, seed=0)
+        module = cls(family="residual", depth=8, recipe="fast", epochs=1, seed=0)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             precision="64-true",  # float64: compiled kernels round like eager ones
+                             callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=1, out_dir=tmp_path / name)])
+        trainer.fit(module, datamodule=dm)
+        assert (getattr(module.model, "_compiled_call_impl", None) is not None) == (name == "compiled")
+        tables[name] = {t: pd.read_csv(tmp_path / name / f"probe_{t}.csv").set_index(["site", "metric", "step"])
+                        ["value"].sort_index() for t in ("gradients", "responses")}
+    for t in ("gradients", "responses"):
+        assert len(tables["eager"][t]) > 0
+        pd.testing.assert_series_equal(tables["compiled"][t], tables["eager"][t], rtol=1e-9)
+    assert set(tables["eager"]["gradients"].index.get_level_values("step")) == {0, 1}
+
+
 def test_probe_callback_refuses_a_compiled_model_and_detaches_on_exception():
     from resnet_probe.probes.callback import ProbeCallback
     from resnet_probe.train.module import CifarClassifier

@@ -4,7 +4,8 @@ from .blocks import SHORTCUT_OPTIONS
 from .grouped import GroupedCifarNet, grouped_cross_entropy
 from .cifar import FAMILIES, CifarNet, blocks_per_stage, build_model, count_parameters, default_gate_bias
 from .fold import count_batchnorms, fold_batchnorm
+from .compiled import EVALUATION_PATHS, compile_blocks, evaluation_model
 
-__all__ = ["Anatomy", "BlockAnatomy", "CifarNet", "FAMILIES", "GroupedCifarNet", "grouped_cross_entropy", "LESION_MODES", "SHORTCUT_OPTIONS",
+__all__ = ["Anatomy", "BlockAnatomy", "CifarNet", "EVALUATION_PATHS", "FAMILIES", "GroupedCifarNet", "grouped_cross_entropy", "LESION_MODES", "SHORTCUT_OPTIONS",
            "anatomy", "blocks_per_stage", "check_lesion_mode", "build_model", "count_batchnorms", "count_parameters",
-           "default_gate_bias", "fold_batchnorm"]
+           "compile_blocks", "default_gate_bias", "evaluation_model", "fold_batchnorm"]

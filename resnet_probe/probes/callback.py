@@ -14,7 +14,14 @@ only global rank 0 writes. Tables (rewritten atomically after each record) go in
 Columns: run, seed, model, site, metric, value, step, epoch, then kind, stage, block,
 downsampling, path (see ``ProbeSession.table`` for the metrics). On a ``GroupedClassifier`` (S
 seeds side by side) only gradient norms can be recorded (``every_n_epochs=0``), one row per model,
-whose ``seed`` column is that model's seed. Under DDP the validation sampler
+whose ``seed`` column is that model's seed.
+
+Compiled networks: the session is attached in ``setup``, before ``CifarClassifier(compile=True)``
+compiles its network in place (``on_fit_start``, CUDA). Gradient norms are read from ``.grad`` and
+from tensor hooks that compiled code still calls, so they equal the eager values. Response statistics are not
+reliable inside compiled code, so each validation epoch that records them runs the network eagerly
+(its compiled call set aside until the epoch ends); other epochs and all training steps stay compiled.
+A network that was already compiled when the session is attached is refused. Under DDP the validation sampler
 may repeat a few examples to give every rank the same number; use a validation set whose size
 divides evenly for exact single-process equality.
 """
@@ -63,6 +70,7 @@ class ProbeCallback(pl.Callback):
         self.response_rows: list[dict] = []
         self.gradient_rows: list[dict] = []
         self._recording_val = False
+        self._suspended: tuple | None = None  # (network, its compiled call) while recording eagerly
         self._folder: Path | None = None
 
     # -- lifetime -----------------------------------------------------------------------------
@@ -83,6 +91,7 @@ class ProbeCallback(pl.Callback):
         self._close()
 
     def _close(self) -> None:
+        self._resume_compiled()
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -96,6 +105,30 @@ class ProbeCallback(pl.Callback):
         refuse_compiled(model)
         return model
 
+    # -- compiled networks ----------------------------------------------------------------------
+    def _run_eagerly(self, pl_module: pl.LightningModule) -> None:
+        """Run the network eagerly until ``_resume_compiled``: response hooks read eager values only.
+
+        A network compiled in place after ``setup`` (``CifarClassifier(compile=True)`` does so in
+        ``on_fit_start`` on CUDA) has its compiled call set aside; any other compiled module is refused.
+        """
+        model = pl_module.model
+        compiled_call = getattr(model, "_compiled_call_impl", None)
+        if compiled_call is not None:
+            model._compiled_call_impl = None
+            self._suspended = (model, compiled_call)
+        try:
+            self._model(pl_module)
+        except RuntimeError:
+            self._resume_compiled()
+            raise
+
+    def _resume_compiled(self) -> None:
+        if self._suspended is not None:
+            model, compiled_call = self._suspended
+            model._compiled_call_impl = compiled_call
+            self._suspended = None
+
     # -- responses on the validation set ------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.session is None or self.session.response is None or trainer.sanity_checking:
@@ -103,7 +136,7 @@ class ProbeCallback(pl.Callback):
         fitting = trainer.state.fn == "fit"
         if fitting and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._model(pl_module)  # compiled after setup (e.g. in on_fit_start): refuse, do not record nothing
+        self._run_eagerly(pl_module)
         self.session.response.reset()
         self.session.arm(response=True)
         self._recording_val = True
@@ -112,6 +145,7 @@ class ProbeCallback(pl.Callback):
         if not self._recording_val:
             return
         self._recording_val = False
+        self._resume_compiled()
         self.session.arm(response=False)
         self.session.all_reduce(metrics=("response",))
         self.session.check_finite()
@@ -124,10 +158,7 @@ class ProbeCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if self.session is None or self.session.gradient is None:
             return
-        due = trainer.global_step % self.every_n_steps == 0
-        if due and getattr(pl_module.model, "_compiled_call_impl", None) is not None:
-            self._model(pl_module)
-        self.session.arm(gradient=due)
+        self.session.arm(gradient=trainer.global_step % self.every_n_steps == 0)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         g = None if self.session is None else self.session.gradient

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models import anatomy
+from ..models.compiled import compiled_module
 from .gradient import GradientProbe
 from .nonfinite import NonFiniteError, NonFiniteWatch
 from .response import ResponseProbe
@@ -31,13 +32,13 @@ COLUMNS = ("site", "stage", "block", "kind", "metric", "value", "downsampling", 
 
 def refuse_compiled(model: nn.Module) -> None:
     """Raise if ``model`` is (or contains) a ``torch.compile``'d module: hooks would record nothing."""
-    for name, m in model.named_modules():
-        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
-            where = f" (at {name!r})" if name else ""
-            raise RuntimeError(
-                f"the model is compiled{where}: attach probes before torch.compile -- open the probe "
-                "session on the original module, then compile it (or probe the uncompiled module, "
-                "e.g. `compiled._orig_mod`)")
+    name = compiled_module(model)
+    if name is not None:
+        where = f" (at {name!r})" if name else ""
+        raise RuntimeError(
+            f"the model is compiled{where}: attach probes before torch.compile -- open the probe "
+            "session on the original module, then compile it (or probe the uncompiled module, "
+            "e.g. `compiled._orig_mod`)")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from ..models import LESION_MODES
+from ..models.compiled import EVALUATION_PATHS, evaluation_model
 from .analysis_inputs import add_model_arguments, check_labels, open_analysis, study_models
 from .options import study_parser
 
@@ -46,7 +47,7 @@ QUICK: dict[str, Any] = dict(
     k_swaps=(1, 2, 4, 8),       # numbers of random within-stage swaps
     reorder_sets=5,             # random orders per number of swaps
     n_resamples=200,            # bootstrap resamples per interval
-    fold_bn=False,              # evaluate with BN folded into the convolutions (the GPU fast path)
+    evaluation="eager",         # sweeps run eager, BN "folded", or folded and "compiled" (the GPU fast path)
     attribution_examples=64,    # images attributed with captum
     attribution_methods=("gradient_x_activation", "integrated_gradients"),   # () skips attribution
     attribution_steps=16,       # integration steps (integrated gradients, conductance; baseline: black image)
@@ -56,7 +57,7 @@ PAPER: dict[str, Any] = dict(
     n_examples=10_000, batch_size=1000, mode="zero_branch",
     k_max=20, n_sets=100,       # Veit et al. Fig. 5a: up to 20 of ResNet-110's 54 blocks
     k_swaps=(1, 2, 4, 8, 16, 32), reorder_sets=50,
-    n_resamples=1000, fold_bn=True, attribution_examples=1000,
+    n_resamples=1000, evaluation="compiled", attribution_examples=1000,
     attribution_methods=("gradient_x_activation", "integrated_gradients", "conductance"), attribution_steps=32,
     families=("residual", "plain"), depth=110,
     recipe="paper", lr=0.1, epochs=182, train_limit=None, val_size=5000, augment=True)  # 182 epochs ~ 64k it.
@@ -73,6 +74,8 @@ def build_parser():
     p.add_argument("--n-sets", dest="n_sets", type=int, default=None, help="random deletion sets per k")
     p.add_argument("--k-swaps", dest="k_swaps", type=int, nargs="+", default=None, help="numbers of swaps")
     p.add_argument("--n-resamples", dest="n_resamples", type=int, default=None, help="bootstrap resamples")
+    p.add_argument("--evaluation", choices=EVALUATION_PATHS, default=None,
+                   help="sweeps run the net eager, with BN folded, or folded and compiled block by block")
     return p
 
 
@@ -102,7 +105,7 @@ def single_block(model, x, y, s: dict, seed: int, keys: dict) -> pd.DataFrame:
     anat = anatomy(model)
     opts = sweep_options(batch_size=s["batch_size"], n_resamples=s["n_resamples"])
     m = evaluate_deletion_sets(model, [[i] for i in range(len(anat))], x, y, mode=s["mode"],
-                               batch_size=s["batch_size"], fold_bn=s["fold_bn"])
+                               batch_size=s["batch_size"])
     meta = [{"site": b.name, "path": b.path, "stage": b.stage, "position": i, "downsampling": b.downsampling}
             for i, b in enumerate(anat.blocks)]
     df = tidy_sweep(metrics_table(meta, m, opts, seed), keys, list(meta[0]))
@@ -119,7 +122,7 @@ def k_random(model, x, y, s: dict, seed: int, keys: dict) -> pd.DataFrame:
     from ..models import anatomy
     ks = tuple(range(0, min(s["k_max"], len(anatomy(model))) + 1))
     df = k_random_sweep(model, x, y, ks=ks, n_sets=s["n_sets"], seed=seed, mode=s["mode"],
-                        batch_size=s["batch_size"], n_resamples=s["n_resamples"], fold_bn=s["fold_bn"])
+                        batch_size=s["batch_size"], n_resamples=s["n_resamples"])
     df["site"] = "network"
     return tidy_sweep(df, keys, ["site", "k", "set", "deleted"]).assign(mode=s["mode"])
 
@@ -131,7 +134,7 @@ def reorder(model, x, y, s: dict, seed: int, keys: dict) -> pd.DataFrame | None:
     if not swappable_groups(anatomy(model)):
         return None
     df = reorder_sweep(model, x, y, k_swaps=tuple(s["k_swaps"]), n_sets=s["reorder_sets"], seed=seed,
-                       batch_size=s["batch_size"], n_resamples=s["n_resamples"], fold_bn=s["fold_bn"])
+                       batch_size=s["batch_size"], n_resamples=s["n_resamples"])
     df["site"] = "network"
     return tidy_sweep(df, keys, ["site", "k_swaps", "set", "kendall_tau", "moved"])
 
@@ -169,9 +172,10 @@ def main(argv: list[str] | None = None) -> Path:
             check_labels(sm, data)
             x, y = data.images, data.labels
             print(f"lesion: {sm.name} (seed {sm.seed}): {len(sm.blocks)} blocks, {len(y)} images", flush=True)
-            tables["single_block"].append(single_block(sm.model, x, y, s, sm.seed, keys))
-            tables["k_random"].append(k_random(sm.model, x, y, s, sm.seed, keys))
-            reo = reorder(sm.model, x, y, s, sm.seed, keys)
+            net = evaluation_model(sm.model, s["evaluation"])  # the sweeps' network; captum reads sm.model
+            tables["single_block"].append(single_block(net, x, y, s, sm.seed, keys))
+            tables["k_random"].append(k_random(net, x, y, s, sm.seed, keys))
+            reo = reorder(net, x, y, s, sm.seed, keys)
             if reo is not None:
                 tables["reorder"].append(reo)
             if s["attribution_methods"]:
