@@ -44,7 +44,8 @@ QUICK: dict[str, Any] = dict(
     log_every_n_steps=10,                # optimizer steps between training-curve points
     val_every_n_steps=63,                # optimizer steps between validation-curve points (= 1 epoch)
     grad_every_n_steps=5,                # optimizer steps between gradient-norm records
-    seeds_side_by_side=True)             # several seeds: trained as one grouped network
+    seeds_side_by_side=True,             # several seeds: trained as one grouped network
+    compile=False)                       # torch.compile the network (CUDA only)
 PAPER: dict[str, Any] = dict(
     families=FAMILIES, depths=(20, 32, 44, 56, 110),
     recipe="paper", lr=0.1,
@@ -55,7 +56,8 @@ PAPER: dict[str, Any] = dict(
     log_every_n_steps=100,
     val_every_n_steps=2000,
     grad_every_n_steps=500,
-    seeds_side_by_side=True)
+    seeds_side_by_side=True,
+    compile=True)
 
 
 def model_name(family: str, depth: int) -> str:
@@ -221,7 +223,8 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     dm = _data(source, s, seed)
     module = CifarClassifier(family, depth, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
-                             max_steps=s["max_steps"], seed=seed, log_every_n_steps=s["log_every_n_steps"])
+                             max_steps=s["max_steps"], seed=seed, log_every_n_steps=s["log_every_n_steps"],
+                             compile=s["compile"] and device == "cuda")
     name = model_name(family, depth)
     with quiet_lightning():
         trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
@@ -263,7 +266,8 @@ def fit_side_by_side(family: str, depth: int, seeds: list[int], source, settings
     dm = _data(source, s, seeds[0])
     dm.setup("fit")
     module = GroupedClassifier(family, depth, seeds=seeds, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
-                               max_steps=s["max_steps"], log_every_n_steps=s["log_every_n_steps"])
+                               max_steps=s["max_steps"], log_every_n_steps=s["log_every_n_steps"],
+                               compile=s["compile"] and device == "cuda")
     with quiet_lightning():
         trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
         start = time.perf_counter()
