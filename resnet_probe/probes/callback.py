@@ -16,14 +16,15 @@ downsampling, path (see ``ProbeSession.table`` for the metrics). On a ``GroupedC
 seeds side by side) only gradient norms can be recorded (``every_n_epochs=0``), one row per model,
 whose ``seed`` column is that model's seed.
 
+Under DDP the validation sampler may repeat a few examples to give every rank the same number; use
+a validation set whose size divides evenly for exact single-process equality.
+
 Compiled networks: the session is attached in ``setup``, before ``CifarClassifier(compile=True)``
 compiles its network in place (``on_fit_start``, CUDA). Gradient norms are read from ``.grad`` and
-from tensor hooks that compiled code still calls, so they equal the eager values. Response statistics are not
-reliable inside compiled code, so each validation epoch that records them runs the network eagerly
-(its compiled call set aside until the epoch ends); other epochs and all training steps stay compiled.
-A network that was already compiled when the session is attached is refused. Under DDP the validation sampler
-may repeat a few examples to give every rank the same number; use a validation set whose size
-divides evenly for exact single-process equality.
+from tensor hooks that compiled code still calls, so they equal the eager values. Response
+statistics are not reliable inside compiled code, so each validation epoch that records them runs
+the network eagerly (its compiled call set aside until the epoch ends); other epochs and all
+training steps stay compiled. A network already compiled when the session is attached is refused.
 """
 from __future__ import annotations
 

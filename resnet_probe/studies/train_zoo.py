@@ -8,9 +8,10 @@ steps). Several seeds of one architecture are trained side by side as one groupe
 (``GroupedClassifier``; ``--set seeds_side_by_side=False`` trains them one at a time): they share
 the first seed's validation split, each has its own weights, batch order and augmentation, their
 log and gradient norms go to ``<family>-<depth>-seeds<a>-<b>.../`` and each model is exported as an
-ordinary ``<family>-<depth>-seed<s>/last.ckpt``. The run's tables are ``curves`` (training / validation error and loss against the iteration),
-``final`` (per model and seed: final train / validation / test error and loss, steps, seconds, and the
-``checkpoint`` path relative to the run folder) and ``gradients`` (the gradient records of all models).
+ordinary ``<family>-<depth>-seed<s>/last.ckpt``. The run's tables are ``curves`` (training /
+validation error and loss against the iteration), ``final`` (per model and seed: final train /
+validation / test error and loss, steps, seconds, and the ``checkpoint`` path relative to the run
+folder) and ``gradients`` (the gradient records of all models).
 
 Scales: ``quick`` trains plain and residual nets of depths 8 and 20 and a highway net of depth 20 on a
 few thousand training images for 3 epochs with the one-cycle ``fast`` recipe (CPU, minutes); ``paper`` is He et al. 2016's recipe (45k/5k split, crop + flip,
