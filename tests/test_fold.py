@@ -68,24 +68,35 @@ def test_lesion_sweep_and_probe_on_the_folded_copy_match_the_original():
         torch.testing.assert_close(b.stats[site].channel_std, a.stats[site].channel_std, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_copy_compiles_every_block_and_the_lesion_engine_matches_eager():
-    """Folded and compiled block by block (CPU inductor): the same logits and deletion results as the
-    eager net, for every row count the engine uses; probes refuse the copy; the original stays eager."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_compiled_copy_compiles_every_block_and_the_lesion_engine_matches_eager(device):
+    """Folded and compiled block by block (inductor): the same logits and deletion results as the eager
+    net, for every row count the engine uses; probes refuse the copy; the original stays eager."""
+    torch.manual_seed(2)
+    model = build_model("residual", 14)
+    _randomise_bn(model)
+    model.eval().to(device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # CUDA: float32 convolutions, for a float32 tolerance
+    try:
+        _check_compiled_copy(model, device)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _check_compiled_copy(model, device):
     import torch._dynamo.utils
 
     from resnet_probe.models import EVALUATION_PATHS, evaluation_model
     from resnet_probe.models.compiled import compiled_module
 
-    torch.manual_seed(2)
-    model = build_model("residual", 14)
-    _randomise_bn(model)
-    model.eval()
     compiled = evaluation_model(model, "compiled")
     assert compiled_module(model) is None and evaluation_model(model, "eager") is model
     assert count_batchnorms(compiled) == 0
     blocks = [b.module for b in anatomy(compiled).blocks]
     assert all(b._compiled_call_impl is not None for b in blocks)
-    x, y = _images(8, 32), torch.arange(8) % 10
+    x, y = _images(8, 32).to(device), torch.arange(8, device=device) % 10
     torch._dynamo.utils.counters.clear()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
