@@ -104,6 +104,7 @@ def test_paper_scale_is_the_papers_setting_and_explicit_options_win():
     assert (s["depth"], s["k_max"], s["n_sets"], s["n_examples"], s["recipe"]) == (110, 20, 100, 10_000, "paper")
     assert set(s["attribution_methods"]) == {"gradient_x_activation", "integrated_gradients", "conductance"}
     assert settings(lesion, ["--scale", "paper", "--k-max", "5", "--mode", "shortcut_only"])["k_max"] == 5
+    assert (s["evaluation"], settings(lesion, [])["evaluation"]) == ("compiled", "eager")
     p = settings(paths, ["--scale", "paper"])
     assert (p["depth"], p["n_samples"]) == (110, 1000)          # Veit et al.: ResNet-110, 1,000 paths per length
     assert settings(paths, ["--scale", "paper", "--set", "n_samples=3"])["n_samples"] == 3
@@ -131,6 +132,25 @@ def test_lesion_tables_agree_with_the_lesion_context_manager(lesion_run):
         assert err[block] == pytest.approx(100 * wrong)
     attr = run.table("attribution")
     assert set(attr["site"]) == set(err.index) and (attr["value"] >= 0).all()
+
+
+def test_lesion_sweeps_on_the_compiled_network_give_the_eager_tables(lesion_run, tmp_path):
+    """``--evaluation compiled`` (BN folded, blocks compiled) on the same checkpoint: same errors, losses to 1e-4."""
+    from resnet_probe.studies.lesion import main
+    run_dir, argv = lesion_run
+    run = open_run(run_dir)
+    ckpt = str(run.path / run.table("models")["checkpoint"].iloc[0])
+    fast = open_run(main([ckpt, "--data", "synthetic", "--n-examples", "48", *LESION_TINY, "--set",
+                          "attribution_methods=()", "--evaluation", "compiled", "--out", str(tmp_path)]))
+    assert fast.provenance["config"]["evaluation"] == "compiled"
+    for name in ("single_block", "k_random", "reorder"):
+        keys = [c for c in ("site", "k", "set", "k_swaps", "metric") if c in run.table(name).columns]
+        eager = run.table(name).set_index(keys)["value"].sort_index()
+        compiled = fast.table(name).set_index(keys)["value"].sort_index()
+        assert compiled.index.equals(eager.index)
+        is_error = eager.index.get_level_values("metric").str.startswith("error")
+        assert np.array_equal(compiled[is_error], eager[is_error]), name
+        assert np.allclose(compiled[~is_error], eager[~is_error], rtol=1e-4, atol=1e-6), name
 
 
 def test_paths_stack_sums_to_autograd_and_lengths_are_binomial(lesion_run, tmp_path):
