@@ -101,7 +101,8 @@ def test_several_seeds_train_side_by_side_and_export_ordinary_checkpoints(tmp_pa
     from resnet_probe.checkpoints import load_model
 
     residual_8 = ["--set", "families=('residual',)", "--set", "depths=(8,)", "--set", "augment=True"]
-    side = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "3", "--out", str(tmp_path / "side")])
+    side = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "3", "--set", "seeds_side_by_side=True",
+                                                   "--out", str(tmp_path / "side")])
     lone = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "--out", str(tmp_path / "lone")])
     assert (side / "models" / "residual-8-seeds0-3" / "metrics.csv").is_file()
     final = pd.read_csv(side / "tables" / "final.csv").set_index(["seed", "metric"])["value"]
@@ -126,6 +127,18 @@ def test_several_seeds_train_side_by_side_and_export_ordinary_checkpoints(tmp_pa
     mine = grads[grads["seed"] == 0].set_index(key)["value"].sort_index()
     pd.testing.assert_series_equal(mine, lone_grads.set_index(key)["value"].sort_index(), rtol=1e-4)
     assert set(grads["seed"]) == {0, 3} and len(grads) == 2 * len(lone_grads)
+
+
+def test_seeds_train_side_by_side_on_cuda_unless_told_otherwise():
+    settings = dict(train_zoo.QUICK)
+    assert settings["seeds_side_by_side"] == train_zoo.PAPER["seeds_side_by_side"] == "auto"
+    assert train_zoo.trains_side_by_side(settings, [0, 1], "cuda")
+    assert not train_zoo.trains_side_by_side(settings, [0, 1], "cpu")
+    assert not train_zoo.trains_side_by_side(settings, [0], "cuda")
+    assert train_zoo.trains_side_by_side({**settings, "seeds_side_by_side": True}, [0, 1], "cpu")
+    assert not train_zoo.trains_side_by_side({**settings, "seeds_side_by_side": False}, [0, 1], "cuda")
+    with pytest.raises(ValueError, match="True, False or 'auto'; got 'yes'"):
+        train_zoo.trains_side_by_side({**settings, "seeds_side_by_side": "yes"}, [0, 1], "cpu")
 
 
 def test_degradation_reads_the_zoo_and_states_the_depth_gap(zoo, out):
