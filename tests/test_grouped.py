@@ -237,6 +237,14 @@ def test_exported_checkpoints_load_as_ordinary_classifiers_with_the_grouped_logi
     _fit(grouped, shuffled(0), val, steps=2)
     paths = grouped.export_checkpoints(tmp_path / "ckpts")
     assert [p.name for p in paths] == ["model0-seed1.ckpt", "model1-seed2.ckpt"]
+    nested = grouped.export_checkpoints(tmp_path, filename="net-seed{seed}/last.ckpt")
+    assert nested == [tmp_path / "net-seed1" / "last.ckpt", tmp_path / "net-seed2" / "last.ckpt"]
+    assert all(torch.equal(torch.load(a, weights_only=False)["state_dict"][k], v)
+               for a, b in zip(paths, nested) for k, v in torch.load(b, weights_only=False)["state_dict"].items())
+    with pytest.raises(ValueError, match=r"unknown field \('s'\); valid fields: \{index\}, \{seed\}"):
+        grouped.export_checkpoints(tmp_path, filename="m{s}.ckpt")
+    with pytest.raises(ValueError, match="same path"):
+        grouped.export_checkpoints(tmp_path, filename="all.ckpt")
     x = next(iter(val))[0]
     with torch.no_grad():
         logits = grouped.eval()(x)

@@ -190,7 +190,11 @@ class GroupedClassifier(RecipeModule):
         from .module import CifarClassifier
 
         directory = Path(directory)
-        paths = [directory / filename.format(index=s, seed=seed) for s, seed in enumerate(self.hparams.seeds)]
+        try:
+            paths = [directory / filename.format(index=s, seed=seed) for s, seed in enumerate(self.hparams.seeds)]
+        except (KeyError, IndexError) as err:
+            raise ValueError(f"filename {filename!r} names an unknown field ({err}); valid fields: "
+                             "{index}, {seed}") from None
         if len(set(paths)) < len(paths):
             raise ValueError(f"filename {filename!r} gives several models the same path; use {{index}} "
                              "(or {seed} with distinct seeds)")
