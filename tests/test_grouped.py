@@ -1,4 +1,5 @@
 """Seeds side by side: S CIFAR nets trained as one grouped network train exactly as S lone nets."""
+import numpy as np
 import pytest
 import torch
 
@@ -155,40 +156,45 @@ def test_bad_inputs_raise_naming_what_is_accepted():
         grouped(torch.randn(3, 2, 3, 8, 8))
     with pytest.raises(TypeError, match=r"2 models side by side; analyse each one: GroupedCifarNet.export"):
         anatomy(grouped)  # lesions and paths would delete a block of every model at once
-    with pytest.raises(ValueError, match="would mix its 2 models"):
-        probe(grouped, metrics=("response", "gradient"))
 
 
 @pytest.mark.parametrize("family,option", [("residual", "A"), ("highway", "B")])
-def test_grouped_gradient_probe_gives_each_models_own_norms(family, option):
-    """Per model: the norms a probe on the lone model records for the same batch (float64)."""
+def test_grouped_probes_give_each_models_own_statistics(family, option):
+    """Per model: every response statistic and gradient norm a probe on the lone model records for the
+    same batch (float64; option A pads each model's channel block, highway adds gates)."""
     config = dict(family=family, depth=8, option=option)
     lone = [m.double() for m in lone_models(SEEDS, **config)]
     grouped = GroupedCifarNet.from_models(lone)
     x, y = batches(1, len(SEEDS))[0]
     x = x.double()
-    with probe(grouped, metrics="gradient") as session:
+    metrics = ("response", "gradient")
+    with probe(grouped, metrics=metrics) as session:
         grouped_cross_entropy(grouped(x), y).sum().backward()
         session.record_gradients(step=3)
     got = session.table()
-    assert sorted(got["model_index"].unique()) == [0, 1, 2] and set(got["step"]) == {3}
+    assert sorted(got["model_index"].unique()) == [0, 1, 2]
+    keys = ["site", "kind", "metric", "step"]
     for s, model in enumerate(lone):
-        with probe(model, metrics="gradient") as lone_session:
+        with probe(model, metrics=metrics) as lone_session:
             torch.nn.functional.cross_entropy(model(x[s]), y[s]).backward()
             lone_session.record_gradients(step=3)
-        want = lone_session.table().set_index(["site", "metric"])["value"]
-        mine = got[got["model_index"] == s].set_index(["site", "metric"])["value"]
-        assert len(want) == 2 * len(anatomy(model)) and (want > 0).all()
-        for key, value in want.items():
-            assert mine[key] == pytest.approx(value, rel=1e-9), (s, key)
+        want = lone_session.table().set_index(keys)["value"].sort_index()
+        mine = got[got["model_index"] == s].set_index(keys)["value"].sort_index()
+        assert mine.index.equals(want.index)
+        assert {"std", "norm_ratio", "param_grad_norm", "activation_grad_norm"} <= set(want.index.get_level_values(2))
+        if family == "highway":
+            assert "saturated_fraction" in set(want.index.get_level_values(2))
+        np.testing.assert_allclose(mine.to_numpy(), want.to_numpy(), rtol=1e-9, atol=1e-12)
+    assert "model_index" in session._repr_html_()
 
 
 # ---- Lightning: GroupedClassifier ------------------------------------------------------------------
 
-def _fit(module, train, val, steps):
+def _fit(module, train, val, steps, callbacks=()):
     import pytorch_lightning as pl
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=list(callbacks))
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -205,24 +211,38 @@ def _synthetic_loaders():
 
 
 @pytest.mark.filterwarnings("ignore:You called `self.log")
-def test_grouped_fit_trains_each_model_as_a_lone_classifier_on_its_own_data_order():
+def test_grouped_fit_trains_each_model_as_a_lone_classifier_on_its_own_data_order(tmp_path):
+    import pandas as pd
+
+    from resnet_probe.probes.callback import ProbeCallback
     from resnet_probe.train.grouped import GroupedClassifier, PerModelBatches
     from resnet_probe.train.module import CifarClassifier
 
     shuffled, val = _synthetic_loaders()
     hp = dict(family="residual", depth=8, recipe="paper", max_steps=4, warmup=False, log_every_n_steps=2)
     grouped = GroupedClassifier(seeds=[5, 9], shared_batches=False, **hp)
-    metrics = _fit(grouped, PerModelBatches([shuffled(100), shuffled(200)]), val, steps=4)  # one epoch
+    probes = [ProbeCallback(every_n_epochs=1, every_n_steps=2, out_dir=tmp_path / name) for name in ("grouped", "lone")]
+    metrics = _fit(grouped, PerModelBatches([shuffled(100), shuffled(200)]), val, steps=4,  # one epoch
+                   callbacks=[probes[0]])
     assert {"val_error", "val_error/model0", "val_error/model1", "train_loss_step/model1"} <= set(metrics)
 
     # model 1: the second channel block, its own seed and its own data order
     lone = CifarClassifier(seed=9, **hp)
-    lone_metrics = _fit(lone, shuffled(200), val, steps=4)
+    lone_metrics = _fit(lone, shuffled(200), val, steps=4, callbacks=[probes[1]])
     assert metrics["val_error/model1"] == pytest.approx(lone_metrics["val_error"], abs=1e-6)
     assert metrics["val_loss/model1"] == pytest.approx(lone_metrics["val_loss"], rel=1e-4)
     exported = grouped.model.export()[1].state_dict()
     for key, value in lone.model.state_dict().items():
         torch.testing.assert_close(exported[key], value, **TOL)
+
+    # the probe callback's tables: one row per model, labelled with its seed; model 1's are the lone run's
+    keys = ["site", "metric", "step"]
+    for table in ("probe_responses.csv", "probe_gradients.csv"):
+        rows = pd.read_csv(tmp_path / "grouped" / table)
+        assert sorted(rows["seed"].unique()) == [5, 9]
+        mine = rows[rows["seed"] == 9].set_index(keys)["value"].sort_index()
+        want = pd.read_csv(tmp_path / "lone" / table).set_index(keys)["value"].sort_index()
+        pd.testing.assert_series_equal(mine, want, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:You called `self.log")

@@ -13,8 +13,7 @@ only global rank 0 writes. Tables (rewritten atomically after each record) go in
 
 Columns: run, seed, model, site, metric, value, step, epoch, then kind, stage, block,
 downsampling, path (see ``ProbeSession.table`` for the metrics). On a ``GroupedClassifier`` (S
-seeds side by side) only gradient norms can be recorded (``every_n_epochs=0``), one row per model,
-whose ``seed`` column is that model's seed.
+seeds side by side) every row is one model's, and its ``seed`` column is that model's seed.
 
 Under DDP the validation sampler may repeat a few examples to give every rank the same number; use
 a validation set whose size divides evenly for exact single-process equality.

@@ -16,6 +16,10 @@ alter what is measured. An identity shortcut's ``S(x)`` is the block input, read
 pre-hook on the block. A shortcut module that the block's forward never calls (plain nets keep the
 parameter-free mapping a lesion would substitute) is evaluated on the block input, without
 gradient, once the block has run.
+
+For a grouped network of S models side by side (``GroupedCifarNet``; activations ``(N, S*C, ...)``,
+channel block ``s`` belonging to model ``s``) the per-channel sums are the same; every metric is then
+reported per model from that model's channel block, in rows that carry ``model_index``.
 """
 from __future__ import annotations
 
@@ -40,10 +44,12 @@ class ResponseProbe:
         sites: the sites to measure.
         watch: where non-finite values are recorded.
         raw: also keep a CPU copy of every measured tensor (memory grows with the data).
+        num_models: S, the models laid side by side in the network (1 for an ordinary network).
     """
 
-    def __init__(self, sites: list[Site], watch: NonFiniteWatch, raw: bool = False):
+    def __init__(self, sites: list[Site], watch: NonFiniteWatch, raw: bool = False, num_models: int = 1):
         self.sites = list(sites)
+        self.num_models = num_models
         self.stats = {s.name: ChannelStats() for s in self.sites}
         self.saturated: dict[str, torch.Tensor | None] = {s.name: None for s in self.sites
                                                           if s.kind == "gate"}
@@ -164,9 +170,10 @@ class ResponseProbe:
     def _count_saturated(self, name: str, t: torch.Tensor) -> None:
         lo, hi = SATURATION
         with torch.no_grad():
-            n = torch.logical_or(t < lo, t > hi).sum(dtype=torch.float64)
+            outside = torch.logical_or(t < lo, t > hi).reshape(t.shape[0], self.num_models, -1)
+            n = outside.sum((0, 2), dtype=torch.float64)  # per model
             if self.saturated[name] is None:
-                self.saturated[name] = zeros((), n.device)
+                self.saturated[name] = zeros(self.num_models, n.device)
             self.saturated[name].add_(n)
 
     def release(self) -> None:
@@ -196,36 +203,43 @@ class ResponseProbe:
         dev = next((st.moments.device for st in stats if st.moments is not None), torch.device("cpu"))
         for k, v in self.saturated.items():
             if v is None:
-                self.saturated[k] = zeros((), dev)
+                self.saturated[k] = zeros(self.num_models, dev)
         return stats, list(self.saturated.values())
 
     # -- results ------------------------------------------------------------------------------
     def rows(self) -> list[dict]:
-        """Tidy rows ``(site, kind, metric, value, ...)`` for every site with data (one host sync)."""
+        """Tidy rows ``(site, kind, metric, value, ...)`` for every site with data (one host sync); with
+        several models side by side, one row per model, labelled ``model_index``."""
         seen = [s for s in self.sites if self.stats[s.name].count > 0]
         blocks = {}
         for s in seen:
             blocks.setdefault(s.block.name, {})[s.kind] = s
-        values, keys = [], []
+        S = self.num_models
+        values, keys = [], []  # values[i]: (S, metrics) float64; keys[i]: (site, metric names, row kind)
         for s in seen:
             st = self.stats[s.name]
-            values.append(st.summary())
-            keys += [(s, m) for m in SUMMARY_METRICS]
+            metrics, columns = list(SUMMARY_METRICS), [st.summary(S).reshape(S, -1)]
             if s.kind == "gate":
-                values.append((self.saturated[s.name] / (st.count * st.channels)).reshape(1))
-                keys.append((s, "saturated_fraction"))
-        ratios = []
+                metrics.append("saturated_fraction")
+                columns.append((self.saturated[s.name] / (st.count * st.channels / S)).reshape(S, 1))
+            values.append(torch.cat(columns, dim=1))
+            keys.append((s, s.name, s.kind, metrics, None))
         for bname, kinds in blocks.items():
             if "branch" in kinds and "shortcut" in kinds:
                 f, sc = self.stats[kinds["branch"].name], self.stats[kinds["shortcut"].name]
-                values.append((f.norm / sc.norm).reshape(1))
-                ratios.append(kinds["branch"])
+                values.append((f.norms(S) / sc.norms(S)).reshape(S, 1))
+                b = kinds["branch"]
+                keys.append((b, bname, "ratio", ["norm_ratio"], b.block.path))
         if not values:
             return []
-        flat = torch.cat([v.reshape(-1).to(values[0].device) for v in values]).cpu().tolist()
-        rows = [_row(s.name, s, s.kind, m, v) for (s, m), v in zip(keys, flat)]
-        for s, v in zip(ratios, flat[len(keys):]):
-            rows.append(_row(s.block.name, s, "ratio", "norm_ratio", v, path=s.block.path))
+        flat = torch.cat([v.to(values[0].device) for v in values], dim=1).cpu().tolist()  # (S, all values)
+        rows = []
+        for model, per_model in enumerate(flat):
+            it = iter(per_model)
+            for s, site, kind, metrics, path in keys:
+                for metric in metrics:
+                    row = _row(site, s, kind, metric, next(it), path=path)
+                    rows.append({**row, "model_index": model} if S > 1 else row)
         return rows
 
     def raw_values(self, site: str) -> torch.Tensor:

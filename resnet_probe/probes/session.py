@@ -67,18 +67,14 @@ class ProbeSession:
         refuse_compiled(model)
         self.model = model
         self.anatomy = anatomy(model, grouped=True)
-        if self.anatomy.num_models > 1 and "response" in metrics:
-            raise ValueError(f"response statistics of a grouped network would mix its {self.anatomy.num_models} "
-                             "models; probe each exported model (GroupedCifarNet.export()) for responses, "
-                             "or use metrics=('gradient',), which is measured per model")
         self.strict = strict
         chosen = select_sites(all_sites(self.anatomy), sites)
         self.watch = NonFiniteWatch()
-        self.response = ResponseProbe(chosen, self.watch, raw) if "response" in metrics else None
+        num_models = self.anatomy.num_models
+        self.response = ResponseProbe(chosen, self.watch, raw, num_models) if "response" in metrics else None
         names = {s.block.name for s in chosen}
         blocks = [b for b in self.anatomy.blocks if b.name in names]
-        self.gradient = (GradientProbe(blocks, self.watch, self.anatomy.num_models)
-                         if "gradient" in metrics else None)
+        self.gradient = GradientProbe(blocks, self.watch, num_models) if "gradient" in metrics else None
         self.sites = [s.name for s in chosen]
         self._warned: set[str] = set()
         self._handles: list = []
@@ -209,7 +205,8 @@ class ProbeSession:
         ``channel_std_mean`` (mean over channels of the per-channel std), ``rms``; gates add
         ``saturated_fraction``; kind ``ratio`` rows (site = block name) hold ``norm_ratio``
         = ||F(x)|| / ||S(x)||. Gradient rows: ``param_grad_norm`` and ``activation_grad_norm``
-        per block and recorded step (and, for a grouped network, per ``model_index``, an extra column).
+        per block and recorded step. For a grouped network every row is per model: the extra column
+        ``model_index``.
         """
         self.check_finite()
         return self._frame()
@@ -236,15 +233,16 @@ class ProbeSession:
         if df.empty:
             return head + "<p>no values recorded yet</p>"
         parts = [head]
+        per_model = ["model_index"] if "model_index" in df.columns else []
         resp = df[df["kind"] != "gradient"]
         if not resp.empty:
-            parts.append(resp.pivot_table(index=["site", "kind"], columns="metric", values="value",
+            parts.append(resp.pivot_table(index=["site", "kind", *per_model], columns="metric", values="value",
                                           sort=False).to_html(float_format="{:.4g}".format))
         grad = df[df["kind"] == "gradient"]
         if not grad.empty:
             parts.append("<p>gradient norms, mean over recorded steps</p>")
-            parts.append(grad.pivot_table(index="site", columns="metric", values="value", aggfunc="mean",
-                                          sort=False).to_html(float_format="{:.4g}".format))
+            parts.append(grad.pivot_table(index=["site", *per_model], columns="metric", values="value",
+                                          aggfunc="mean", sort=False).to_html(float_format="{:.4g}".format))
         return "\n".join(parts)
 
     def __repr__(self) -> str:
@@ -258,8 +256,8 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
 
     Args:
         model: any model ``resnet_probe.models.anatomy`` supports (CIFAR nets, torchvision
-            ResNets), uncompiled; a (Distributed)DataParallel wrapper is looked through. A
-            ``GroupedCifarNet`` takes the gradient probe only, which measures each model apart.
+            ResNets), uncompiled; a (Distributed)DataParallel wrapper is looked through. On a
+            ``GroupedCifarNet`` every metric is measured per model (rows carry ``model_index``).
         sites: site names or fnmatch patterns (``"*"``, ``"stage2.*.branch"``); see ``sites.py``.
         metrics: ``"response"`` (streaming activation statistics) and/or ``"gradient"``
             (per-step gradient norms; call ``session.record_gradients()`` after each backward).
@@ -272,8 +270,7 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
         ``with`` statement does); a dropped session removes its hooks when garbage-collected.
 
     Raises:
-        ValueError: unknown metric, a site pattern matching nothing (lists the valid sites), or
-            responses asked of a grouped network.
+        ValueError: unknown metric, or a site pattern matching nothing (lists the valid sites).
         RuntimeError: the model is compiled ("attach probes before torch.compile").
     """
     return ProbeSession(model, sites=sites, metrics=metrics, raw=raw, strict=strict)

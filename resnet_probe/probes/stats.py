@@ -221,12 +221,29 @@ class ChannelStats:
     def rms(self) -> torch.Tensor:
         return (self.sumsq.sum() / (self.count * self.channels)).sqrt()
 
-    def summary(self) -> torch.Tensor:
-        """``SUMMARY_METRICS`` as one float64 tensor on the device (no host synchronisation)."""
+    def summary(self, parts: int = 1) -> torch.Tensor:
+        """``SUMMARY_METRICS`` as a float64 tensor on the device (no host synchronisation).
+
+        Args:
+            parts: split the channels into this many equal consecutive blocks (the models of a
+                grouped network) and summarise each: shape ``(parts, len(SUMMARY_METRICS))``;
+                ``parts=1`` gives shape ``(len(SUMMARY_METRICS),)``, the whole site.
+        """
         m = self._need()
-        n_all = float(self.count * self.channels)
-        return torch.stack((m.new_tensor(n_all), self.global_mean, self.global_std,
-                            self.channel_std_mean, self.rms))
+        if self.channels % parts:
+            raise ValueError(f"{self.channels} channels do not split into {parts} equal blocks")
+        s, q = m.reshape(2, parts, -1).unbind(0)  # (parts, C / parts) each
+        n = self.count
+        n_all = n * s.shape[1]
+        channel_std = _unbiased_var(s, q, n).sqrt().mean(1)
+        out = torch.stack((torch.full_like(channel_std, float(n_all)), s.sum(1) / n_all,
+                           _unbiased_var(s.sum(1), q.sum(1), n_all).sqrt(), channel_std,
+                           (q.sum(1) / n_all).sqrt()), dim=1)
+        return out[0] if parts == 1 else out
+
+    def norms(self, parts: int = 1) -> torch.Tensor:
+        """``norm`` of each of ``parts`` equal consecutive channel blocks, shape ``(parts,)``."""
+        return self.sumsq.reshape(parts, -1).sum(1).sqrt()
 
 
 def _unbiased_var(s: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
