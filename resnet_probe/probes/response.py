@@ -215,7 +215,7 @@ class ResponseProbe:
         for s in seen:
             blocks.setdefault(s.block.name, {})[s.kind] = s
         S = self.num_models
-        values, keys = [], []  # values[i]: (S, metrics) float64; keys[i]: (site, metric names, row kind)
+        values, keys = [], []  # values[i]: (S, metrics) float64; keys[i]: (Site, row site, kind, metrics, path)
         for s in seen:
             st = self.stats[s.name]
             metrics, columns = list(SUMMARY_METRICS), [st.summary(S).reshape(S, -1)]
