@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,6 +338,25 @@ def test_close_is_idempotent_and_a_dropped_session_removes_its_hooks():
     session.close()
     session.close()
     assert session.closed and _hooks(model) == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_model_compiled_after_the_probe_is_attached_records_the_eager_values(one_thread):
+    """Hooks excluded from compilation: the same statistics (gates included) as an uncompiled run."""
+    torch.manual_seed(8)
+    model = build_model("highway", 8).eval()
+    x = torch.randn(6, 3, 32, 32) + 0.5
+    keys = ["site", "kind", "metric"]
+    tables = []
+    for compiled in (False, True):
+        with torch.no_grad(), probe(model) as session:
+            if compiled:
+                model.compile()
+            model(x)
+            model(x[:4])
+        tables.append(session.table().set_index(keys)["value"].sort_index())
+    assert model._compiled_call_impl is not None and _hooks(model) == 0
+    pd.testing.assert_series_equal(tables[1], tables[0], rtol=1e-5)
 
 
 def test_compiled_model_is_refused():

@@ -20,9 +20,9 @@ a validation set whose size divides evenly for exact single-process equality.
 
 Compiled networks: the session is attached in ``setup``, before ``CifarClassifier(compile=True)``
 compiles its network in place (``on_fit_start``, CUDA). Gradient norms are read from ``.grad`` and
-from tensor hooks that compiled code still calls, so they equal the eager values. Response
-statistics are not reliable inside compiled code, so each validation epoch that records them runs
-the network eagerly (its compiled call set aside until the epoch ends); other epochs and all
+from tensor hooks that compiled code still calls, so they equal the eager values. Each validation
+epoch that records response statistics runs the network eagerly (its compiled call set aside until
+the epoch ends) rather than as compiled code broken at every probed module; other epochs and all
 training steps stay compiled. A network already compiled when the session is attached is refused.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class ProbeCallback(pl.Callback):
 
     # -- compiled networks ----------------------------------------------------------------------
     def _run_eagerly(self, pl_module: pl.LightningModule) -> None:
-        """Run the network eagerly until ``_resume_compiled``: response hooks read eager values only.
+        """Run the network eagerly until ``_resume_compiled`` (no graph break at every response site).
 
         A network compiled in place after ``setup`` (``CifarClassifier(compile=True)`` does so in
         ``on_fit_start`` on CUDA) has its compiled call set aside; any other compiled module is refused.

@@ -15,7 +15,9 @@ produced, so in-place operations downstream (``out += identity``, ``ReLU(inplace
 alter what is measured. An identity shortcut's ``S(x)`` is the block input, read by a forward
 pre-hook on the block. A shortcut module that the block's forward never calls (plain nets keep the
 parameter-free mapping a lesion would substitute) is evaluated on the block input, without
-gradient, once the block has run.
+gradient, once the block has run. A model compiled after the probe is attached keeps recording the
+eager values: the hooks are excluded from compilation, so compiled code breaks its graph at every
+probed module and runs the hook as ordinary Python.
 
 For a grouped network of S models side by side (``GroupedCifarNet``; activations ``(N, S*C, ...)``,
 channel block ``s`` belonging to model ``s``) the per-channel sums are the same; every metric is then
@@ -89,7 +91,9 @@ class ResponseProbe:
             plan.append((modules[key], "forward", self._output_hook(sites)))
         for key, (block, site) in fallback.items():
             plan.append((block, "forward", self._fallback_hook(site)))
-        return plan
+        # torch.compile must not trace the hooks (their bookkeeping is Python state): compiled code
+        # breaks its graph at each probed module and runs the hook eagerly, so values stay exact.
+        return [(module, kind, torch.compiler.disable(fn)) for module, kind, fn in plan]
 
     def _output_hook(self, sites: list[Site]):
         measured_shortcuts = [id(s.block.module) for s in sites if s.kind == "shortcut"]
