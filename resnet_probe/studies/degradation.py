@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
         "a train_zoo run folder to read (default: train the nets here)", argv, QUICK, PAPER)
     from ..report import new_run
 
-    zoo = train_zoo.ZooInput(args, settings, needs="final")
+    zoo = train_zoo.ZooInput(args, settings, needs=("curves", "final"))
     with new_run("degradation", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__, argv=argv,
                  title="Degradation: training error against depth (He et al. 2016, Fig. 1/6)") as run:
         tables = zoo.tables(run, "Networks and curves")

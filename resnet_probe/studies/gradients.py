@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
         "a train_zoo run folder whose gradient records to read (default: train here)", argv, QUICK, PAPER)
     from ..report import new_run
 
-    zoo = train_zoo.ZooInput(args, settings, needs="gradients")
+    zoo = train_zoo.ZooInput(args, settings, needs=("gradients",))
     every = (zoo.config.get("zoo_config") or {}).get("grad_every_n_steps", "?") if args.zoo \
         else settings["grad_every_n_steps"]
     with new_run("gradients", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__, argv=argv,

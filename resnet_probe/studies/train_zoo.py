@@ -108,15 +108,15 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="initial (paper) or peak (fast) learning rate")
 
 
-def _curves(metrics_csv: Path, validations: list[tuple[int, dict]], keys: dict, model: str = "") -> "pd.DataFrame":
+def _curves(raw: "pd.DataFrame", validations: list[tuple[int, dict]], keys: dict, model: str = "") -> "pd.DataFrame":
     """Tidy training curves: error in percent and loss against the optimizer step.
 
-    Training points are Lightning's ``train_*_step`` records (the mean over the batches since the previous
-    record, in training mode); validation points are ``(step, metrics)`` after ``step`` optimizer steps.
-    ``model`` is the suffix of one model's columns in a side-by-side run (``/model1``), else empty.
+    Training points are Lightning's ``train_*_step`` records in ``raw`` (its ``metrics.csv``: the mean over
+    the batches since the previous record, in training mode); validation points are ``(step, metrics)``
+    after ``step`` optimizer steps. ``model`` is the suffix of one model's columns in a side-by-side run
+    (``/model1``), else empty.
     """
     import pandas as pd
-    raw = pd.read_csv(metrics_csv)
     rows = []
     for column, metric, scale in (("train_error_step", "error_percent", 100.0), ("train_loss_step", "loss", 1.0)):
         column += model
@@ -174,6 +174,17 @@ def _training_run(module, dm, out_dir: Path, settings: dict, device: str, run_na
     return trainer, validations
 
 
+def _train_and_evaluate(trainer, module, fit: dict, val: dict, test: dict) -> dict[str, Any]:
+    """``trainer.fit(module, **fit)``, then validate and test (``**val``, ``**test``: their data);
+    returns the seconds of training, the final ``train_*`` metrics and the validation / test metrics."""
+    start = time.perf_counter()
+    trainer.fit(module, **fit)
+    seconds = time.perf_counter() - start
+    train = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
+    return {"seconds": seconds, "train": train, "val": trainer.validate(module, verbose=False, **val)[0],
+            "test": trainer.test(module, verbose=False, **test)[0]}
+
+
 def _data(source, settings: dict, seed: int):
     from ..data import CifarDataModule
     s = settings
@@ -182,13 +193,15 @@ def _data(source, settings: dict, seed: int):
                                        augment=s["augment"], seed=seed)
 
 
-def _final(train: dict, val: dict, test: dict, steps: int, seconds: float, model: str = "") -> dict[str, float]:
+def _final(result: dict, steps: int, model: str = "") -> dict[str, float]:
+    """The ``final`` table's metrics of one model from ``_train_and_evaluate``'s result."""
     nan = float("nan")
+    train, val, test = result["train"], result["val"], result["test"]
     return {"train_error_percent": 100 * train.get("train_error" + model, nan),
             "train_loss": train.get("train_loss" + model, nan),
             "val_error_percent": 100 * val["val_error" + model], "val_loss": val["val_loss" + model],
             "test_error_percent": 100 * test["test_error" + model], "test_loss": test["test_loss" + model],
-            "steps": float(steps), "train_seconds": seconds}
+            "steps": float(steps), "train_seconds": result["seconds"]}
 
 
 def _gradients(out_dir: Path, family: str, depth: int) -> "pd.DataFrame":
@@ -216,6 +229,8 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
     Returns:
         ``{"final": {metric: value}, "curves": DataFrame, "gradients": DataFrame, "checkpoint": Path}``.
     """
+    import pandas as pd
+
     from ..atomic import atomic_path
     from ..train import CifarClassifier
     from ..train.quick import quiet_lightning
@@ -229,18 +244,14 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
     name = model_name(family, depth)
     with quiet_lightning():
         trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        seconds = time.perf_counter() - start
-        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
-        val = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        data = {"datamodule": dm}
+        result = _train_and_evaluate(trainer, module, data, data, data)
     ckpt = out_dir / "last.ckpt"
     with atomic_path(ckpt) as tmp:
         trainer.save_checkpoint(tmp, weights_only=False)
     keys = {"run": run_name, "seed": seed, "model": name, "family": family, "depth": depth}
-    return {"final": _final(train_metrics, val, test, trainer.global_step, seconds),
-            "curves": _curves(out_dir / "metrics.csv", validations.points, keys),
+    return {"final": _final(result, trainer.global_step),
+            "curves": _curves(pd.read_csv(out_dir / "metrics.csv"), validations.points, keys),
             "gradients": _gradients(out_dir, family, depth), "checkpoint": ckpt}
 
 
@@ -257,6 +268,8 @@ def fit_side_by_side(family: str, depth: int, seeds: list[int], source, settings
     Returns:
         one ``fit_model`` result per seed, in order (``train_seconds`` is the shared training time).
     """
+    import pandas as pd
+
     from ..train.grouped import GroupedClassifier, per_model_train_batches
     from ..train.quick import quiet_lightning
 
@@ -271,21 +284,19 @@ def fit_side_by_side(family: str, depth: int, seeds: list[int], source, settings
                                compile=s["compile"] and device == "cuda")
     with quiet_lightning():
         trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
-        start = time.perf_counter()
-        trainer.fit(module, train_dataloaders=per_model_train_batches(dm, seeds),
-                    val_dataloaders=dm.val_dataloader())
-        seconds = time.perf_counter() - start
-        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
-        val = trainer.validate(module, dataloaders=dm.val_dataloader(), verbose=False)[0]
-        test = trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)[0]
+        result = _train_and_evaluate(
+            trainer, module, {"train_dataloaders": per_model_train_batches(dm, seeds),
+                              "val_dataloaders": dm.val_dataloader()},
+            {"dataloaders": dm.val_dataloader()}, {"dataloaders": dm.test_dataloader()})
     checkpoints = module.export_checkpoints(models_dir, filename=f"{name}-seed{{seed}}/last.ckpt")
     gradients = _gradients(out_dir, family, depth)
+    log = pd.read_csv(out_dir / "metrics.csv")
     out = []
     for i, (seed, ckpt) in enumerate(zip(seeds, checkpoints)):
         keys = {"run": run_name, "seed": seed, "model": name, "family": family, "depth": depth}
         mine = f"/model{i}"
-        out.append({"final": _final(train_metrics, val, test, trainer.global_step, seconds, mine),
-                    "curves": _curves(out_dir / "metrics.csv", validations.points, keys, mine),
+        out.append({"final": _final(result, trainer.global_step, mine),
+                    "curves": _curves(log, validations.points, keys, mine),
                     "gradients": gradients[gradients["seed"] == seed] if len(gradients) else gradients,
                     "checkpoint": ckpt})
     return out
@@ -295,8 +306,9 @@ def train_models(run, source, settings: dict, seeds, device: str = "cpu") -> dic
     """Train every (family, depth, seed) of ``settings`` into ``run``'s folder and add its tables.
 
     Several seeds are trained side by side as one grouped network (``fit_side_by_side``) where
-    ``side_by_side`` says so; otherwise one at a time (``fit_model``). Adds the tables ``curves``, ``final`` and ``gradients`` to ``run`` after each
-    (family, depth) (so an interrupted run keeps the finished models) and returns them.
+    ``trains_side_by_side`` says so; otherwise one at a time (``fit_model``). Adds the tables ``curves``,
+    ``final`` and ``gradients`` to ``run`` after each (family, depth) (so an interrupted run keeps the
+    finished models) and returns them.
     """
     import pandas as pd
     curves, finals, grads = [], [], []
@@ -411,19 +423,20 @@ class ZooInput:
     Args:
         args: parsed study arguments (``zoo``, ``data``, ``seeds``, ``scale``, ``device``).
         settings: the scale's training settings.
-        needs: the table a ``--zoo`` run must hold.
+        needs: the tables a ``--zoo`` run must hold; ``tables`` reads only these from it.
 
     Raises:
-        ValueError: the ``--zoo`` run lacks the ``needs`` table.
+        ValueError: the ``--zoo`` run lacks one of the ``needs`` tables.
     """
 
-    def __init__(self, args: argparse.Namespace, settings: dict, needs: str):
+    def __init__(self, args: argparse.Namespace, settings: dict, needs: tuple[str, ...] = ()):
         from ..report import open_run
-        self.args, self.settings = args, settings
+        self.args, self.settings, self.needs = args, settings, tuple(needs)
         self.zoo = open_run(args.zoo) if args.zoo else None
         if self.zoo is not None:
-            if needs not in self.zoo.tables:
-                raise ValueError(f"{args.zoo}: the train_zoo run has no {needs!r} table")
+            for name in self.needs:
+                if name not in self.zoo.tables:
+                    raise ValueError(f"{args.zoo}: the train_zoo run has no {name!r} table")
             self.source = None
             self.data = self.zoo.provenance.get("data")
             self.config = {"zoo": str(self.zoo.path.resolve()), "zoo_config": self.zoo.provenance.get("config")}
@@ -433,16 +446,16 @@ class ZooInput:
             self.device = resolve_device(args.device).type
             self.config = {**settings, "scale": args.scale, "seeds": list(args.seeds), "device": self.device}
 
-    def tables(self, run, what: str, extra: str = "") -> dict[str, "pd.DataFrame"]:
-        """The zoo's tables (``curves``, ``final``, ``gradients``), read or trained into ``run``.
+    def tables(self, run, what: str = "", extra: str = "") -> dict[str, "pd.DataFrame"]:
+        """The zoo's tables: the ``needs`` tables read from the ``--zoo`` run, or all of ``curves``,
+        ``final`` and ``gradients`` trained into ``run``.
 
         Args:
             run: the study's run; its Setup section says where ``what`` came from, plus ``extra``.
         """
         if self.zoo is not None:
             run.add_text("Setup", f"{what} read from the train_zoo run `{self.zoo.path}`.{extra}")
-            return {name: self.zoo.table(name) for name in ("curves", "final", "gradients")
-                    if name in self.zoo.tables}
+            return {name: self.zoo.table(name) for name in self.needs}
         run.add_text("Setup", describe(self.settings, self.args.seeds, self.device) + extra)
         return train_models(run, self.source, self.settings, self.args.seeds, self.device)
 
@@ -453,10 +466,10 @@ def main(argv: list[str] | None = None) -> Path:
         "train_zoo", "Train plain / highway / residual CIFAR nets over depths and seeds; writes checkpoints "
                      "and training curves for the other studies.", None, argv, QUICK, PAPER)
     from ..report import new_run
-    zoo = ZooInput(args, settings, needs="final")  # no --zoo: the nets are trained here
+    zoo = ZooInput(args, settings)  # no --zoo: the nets are trained here
     with new_run("train_zoo", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__,
                  argv=argv, title="Model zoo: plain / highway / residual") as run:
-        _report(run, zoo.tables(run, "")["final"])
+        _report(run, zoo.tables(run)["final"])
     return run.path
 
 
