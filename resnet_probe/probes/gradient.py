@@ -45,7 +45,7 @@ class GradientProbe:
         self.num_models = num_models
         self.params = [[p for p in b.module.parameters() if p.requires_grad] for b in self.blocks]
         self.watch = watch
-        self.param_index = [watch.register(f"{b.name} (parameter gradient)") for b in self.blocks]
+        self.param_first = [watch.register(f"{b.name} (parameter gradient)") for b in self.blocks][0]  # consecutive
         self.act_index = [watch.register(f"{b.name}.out (activation gradient)") for b in self.blocks]
         self.active = True
         self.armed = True
@@ -69,7 +69,7 @@ class GradientProbe:
             if self._act is None:
                 self._act = zeros((self.num_models, len(self.blocks)), q.device)
             self._act[:, i] += q
-        self.watch.check(self.act_index[i], q.sum())
+        self.watch.check(self.act_index[i], q)
 
     def record(self, step: int | None = None) -> None:
         """Read every block's parameter gradients (after backward) and close the step.
@@ -96,7 +96,7 @@ class GradientProbe:
             act = self._act if self._act is not None else zeros(shape, dev)
             entry = torch.stack((sq, act.to(dev)))
             self._act = None
-        self.watch.check_all(self.param_index[0], list(sq.sum(0).unbind()))  # blocks registered consecutively
+        self.watch.check_all(self.param_first, list(sq.unbind(1)))
         self.history.append((self._steps if step is None else int(step), entry))
         self._steps += 1
 

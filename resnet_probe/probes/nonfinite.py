@@ -51,10 +51,7 @@ class NonFiniteWatch:
         code = self._tick * max(len(self.names), 1) + index
         with torch.no_grad():
             finite = torch.isfinite(sumsq).all()
-            if self._first is None:
-                self._first = zeros((), finite.device, torch.int64).fill_(_NONE)
-            cand = torch.where(finite.to(self._first.device), _NONE, code)
-            torch.minimum(self._first, cand, out=self._first)
+            self._keep_earliest(torch.where(finite, _NONE, code))
 
     def check_all(self, first: int, values: list[torch.Tensor]) -> None:
         """Record, as one event, each of the sites ``first``, ``first + 1``, ... whose value is not finite.
@@ -67,12 +64,15 @@ class NonFiniteWatch:
         with torch.no_grad():
             norms = torch._foreach_norm(values)
             dev = norms[0].device
-            norms = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
-            if self._first is None:
-                self._first = zeros((), dev, torch.int64).fill_(_NONE)
+            norms = torch.stack([n.to(dev) for n in norms])
             codes = torch.arange(first, first + len(values), device=dev) + self._tick * max(len(self.names), 1)
-            cand = torch.where(torch.isfinite(norms), _NONE, codes).min()
-            torch.minimum(self._first, cand.to(self._first.device), out=self._first)
+            self._keep_earliest(torch.where(torch.isfinite(norms), _NONE, codes).min())
+
+    def _keep_earliest(self, code: torch.Tensor) -> None:
+        """Fold a candidate event code (``_NONE``: nothing non-finite) into the running minimum."""
+        if self._first is None:
+            self._first = zeros((), code.device, torch.int64).fill_(_NONE)
+        torch.minimum(self._first, code.to(self._first.device), out=self._first)
 
     def reset(self) -> None:
         self._tick = 0

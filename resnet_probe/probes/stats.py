@@ -94,12 +94,13 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None,
         return n_c, torch.stack((s, q))
 
 
-def mean_share(count: int, moments: torch.Tensor) -> float:
+def mean_share(count: int, moments: torch.Tensor) -> torch.Tensor:
     """The largest share, over channels, of the squared mean in the second moment:
-    ``max_c (sum_c^2 / n) / sumsq_c`` (0 for zero-mean channels, 1 for constant ones; one host read)."""
+    ``max_c (sum_c^2 / n) / sumsq_c`` (0 for zero-mean channels, 1 for constant ones), a 0-d float64
+    tensor on the device of ``moments`` (no host read)."""
     s, q = moments.to(torch.float64)
     share = torch.where(q > 0, s * s / max(count, 1) / q, torch.ones_like(q))
-    return float(share.max())
+    return share.max()
 
 
 def _centred(x: torch.Tensor, mean: torch.Tensor, scratch: dict | None) -> torch.Tensor:
@@ -201,25 +202,28 @@ class ChannelStats:
     @property
     def channel_std_mean(self) -> torch.Tensor:
         """Mean over channels of the per-channel std."""
-        return self.channel_std.mean()
+        return self._summarised("channel_std_mean")
 
     @property
     def global_mean(self) -> torch.Tensor:
-        return self.sum.sum() / (self.count * self.channels)
+        return self._summarised("mean")
 
     @property
     def global_std(self) -> torch.Tensor:
         """Unbiased std over all values (N, C, H, W) together."""
-        return _unbiased_var(self.sum.sum(), self.sumsq.sum(), self.count * self.channels).sqrt()
+        return self._summarised("std")
 
     @property
     def norm(self) -> torch.Tensor:
         """``sqrt(sum of squares of all values)``: the L2 norm over every example seen."""
-        return self.sumsq.sum().sqrt()
+        return self.norms()[0]
 
     @property
     def rms(self) -> torch.Tensor:
-        return (self.sumsq.sum() / (self.count * self.channels)).sqrt()
+        return self._summarised("rms")
+
+    def _summarised(self, metric: str) -> torch.Tensor:
+        return self.summary()[SUMMARY_METRICS.index(metric)]
 
     def summary(self, parts: int = 1) -> torch.Tensor:
         """``SUMMARY_METRICS`` as a float64 tensor on the device (no host synchronisation).
