@@ -21,9 +21,6 @@ import copy
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-
-_NAMED_PAIRS = (BasicBlock, Bottleneck, ResNet)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -54,7 +51,10 @@ def _pairs(module: nn.Module) -> list[tuple[str, str]]:
     children = list(module.named_children())
     if isinstance(module, nn.Sequential):
         return [(a, b) for (a, ma), (b, mb) in zip(children, children[1:]) if _foldable(ma, mb)]
-    if isinstance(module, _NAMED_PAIRS):
+    # Imported only when needed: torchvision's model zoo is slow to import.
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    if isinstance(module, (BasicBlock, Bottleneck, ResNet)):
         names = dict(children)
         return [(f"conv{k}", f"bn{k}") for k in (1, 2, 3)
                 if _foldable(names.get(f"conv{k}"), names.get(f"bn{k}"))]
