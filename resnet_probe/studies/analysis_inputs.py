@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .imagenet import imagefolder_path, load_imagefolder, load_study_model
-from .options import add_imagenet_arguments, add_load_arguments, resolve_device, scale_settings, set_threads
+from .options import (add_imagenet_arguments, add_load_arguments, resolve_data, resolve_device, scale_settings,
+                      set_threads)
 from .train_zoo import data_sizes
 
 
@@ -79,7 +80,6 @@ def eval_images(spec: str, n: int, seed: int, limit: int | None, purpose: str, n
     a seeded subset of ``n`` CIFAR test images, named by ``purpose``, from ``resolve_data(spec)``
     (``n_train``: training images the source must hold; 1 when nothing is trained)."""
     from ..data import normalize, random_subset
-    from .options import resolve_data
 
     folder = imagefolder_path(spec)
     if folder is not None:

@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> Path:
                 model, info = load_study_model(src, weights=args.weights, arch=args.arch,
                                                allow_unsafe=args.allow_unsafe_load, download=args.download)
             seed = int(info["hparams"].get("seed", seed))
-            print(f"response_std: {model_label(info)} seed {seed}", flush=True)
+            label = model_label(info)
+            print(f"response_std: {label} seed {seed}", flush=True)
             df = layer_responses(model, images, settings["batch_size"], device)
-            for col, v in reversed(list({"run": run.path.name, "seed": seed, "model": model_label(info)}.items())):
+            for col, v in reversed(list({"run": run.path.name, "seed": seed, "model": label}.items())):
                 df.insert(0, col, v)
             df["family"] = info["hparams"].get("family", info["arch"])
             df["depth"] = info["hparams"].get("depth", -1)
