@@ -27,7 +27,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.harness import calibrate_batchnorm, device_name, median_time, record, resolve_device
+from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, median_time, record,
+                                resolve_device)
 from resnet_probe.lesion import evaluate_deletion_sets
 from resnet_probe.lesion.engine import default_max_batch
 from resnet_probe.models import build_model, evaluation_model, fold_batchnorm
@@ -49,24 +50,24 @@ def _case(rows, name, model, compiled, sets, x, y, cfg, repeats, device, loop_se
     kw = dict(batch_size=cfg["batch_size"], max_batch=cfg["max_batch"])
     out = {}
 
-    def batched(fold_bn=False):
-        out[f"batched{fold_bn}"] = evaluate_deletion_sets(model, sets, x, y, engine="batched", fold_bn=fold_bn, **kw)
-
-    def batched_compiled():
-        out["compiled"] = evaluate_deletion_sets(compiled, sets, x, y, engine="batched", **kw)
+    def batched(key, net, **extra):
+        out[key] = evaluate_deletion_sets(net, sets, x, y, engine="batched", **extra, **kw)
 
     loop_subset = sets if loop_sets is None else sets[:loop_sets]
 
     def loop():
         out["loop"] = evaluate_deletion_sets(model, loop_subset, x, y, engine="loop", **kw)
 
-    warmup = 1 if torch.device(device).type == "cuda" else 0  # CPU: no lazy initialisation to hide
-    t_batched = median_time(batched, repeats=repeats, warmup=warmup, device=device)["median_ms"]
-    t_folded = median_time(lambda: batched(True), repeats=repeats, warmup=warmup, device=device)["median_ms"]
-    t_compiled = median_time(batched_compiled, repeats=repeats, warmup=1, device=device)["median_ms"]
+    warmup = _warmup(device)
+    t_batched = median_time(lambda: batched("as_is", model), repeats=repeats, warmup=warmup,
+                            device=device)["median_ms"]
+    t_folded = median_time(lambda: batched("folded", model, fold_bn=True), repeats=repeats, warmup=warmup,
+                           device=device)["median_ms"]
+    t_compiled = median_time(lambda: batched("compiled", compiled), repeats=repeats, warmup=1,
+                             device=device)["median_ms"]
     t_loop = median_time(loop, repeats=repeats, warmup=0, device=device)["median_ms"]
     t_loop_total = t_loop * len(sets) / len(loop_subset)
-    a, f, c, b = out["batchedFalse"], out["batchedTrue"], out["compiled"], out["loop"]
+    a, f, c, b = out["as_is"], out["folded"], out["compiled"], out["loop"]
     m = len(loop_subset)
     rows.append({
         "case": name, "images": len(x), "sets": len(sets), "batched_ms": t_batched,
@@ -81,22 +82,22 @@ def _case(rows, name, model, compiled, sets, x, y, cfg, repeats, device, loop_se
     })
 
 
+def _warmup(device) -> int:
+    """Untimed runs before timing: one on CUDA (lazy initialisation); none on a CPU."""
+    return 1 if torch.device(device).type == "cuda" else 0
+
+
 def _evaluation(rows, model, compiled, x, cfg, repeats, device) -> None:
     """Time one pass of the intact model over the images: BN as is, folded into the convolutions, and
     the folded copy compiled block by block (compiled, and its first pass run, before timing)."""
     folded = fold_batchnorm(model)
-
-    def run(net):
-        with torch.no_grad():
-            for i in range(0, len(x), cfg["batch_size"]):
-                net(x[i:i + cfg["batch_size"]])
-
-    warmup = 1 if torch.device(device).type == "cuda" else 0
+    batch = cfg["batch_size"]
+    warmup = _warmup(device)
     start = time.perf_counter()
-    run(compiled)  # compiles
+    evaluate_in_batches(compiled, x, batch)  # compiles
     compile_s = time.perf_counter() - start
-    t = {name: median_time(lambda net=net: run(net), repeats=max(repeats, 3), warmup=warmup,
-                           device=device)["median_ms"]
+    t = {name: median_time(lambda net=net: evaluate_in_batches(net, x, batch), repeats=max(repeats, 3),
+                           warmup=warmup, device=device)["median_ms"]
          for name, net in (("as_is", model), ("folded", folded), ("compiled", compiled))}
     rows.append({"case": "evaluation of the intact net", "images": len(x), "sets": 1, "eval_ms": t["as_is"],
                  "eval_bn_folded_ms": t["folded"], "speedup_bn_folded": t["as_is"] / t["folded"],

@@ -25,7 +25,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import calibrate_batchnorm, device_name, median_time, peak_memory, record, resolve_device
+from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, median_time, peak_memory,
+                                record, resolve_device)
 from resnet_probe.models import build_model
 from resnet_probe.probes import probe
 
@@ -34,12 +35,6 @@ SIZES = {  # images evaluated (two values for the memory comparison), eval batch
     "small": dict(n_eval=(256, 1024), eval_batch=64, train_batch=64),
     "paper": dict(n_eval=(5000, 10000), eval_batch=1000, train_batch=128),
 }
-
-
-def _evaluate(model, images: torch.Tensor, batch: int) -> None:
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            model(images[i:i + batch])
 
 
 def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
@@ -53,7 +48,7 @@ def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
             handles.append(block.branch.bn2.register_forward_hook(
                 lambda m, a, out, key=key: kept[key].append(out.detach().clone())))
     try:
-        _evaluate(model, images, batch)
+        evaluate_in_batches(model, images, batch)
     finally:
         for h in handles:
             h.remove()
@@ -62,7 +57,7 @@ def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
 
 def _streaming(model, images: torch.Tensor, batch: int, sites="*"):
     with probe(model, sites=sites) as session:
-        _evaluate(model, images, batch)
+        evaluate_in_batches(model, images, batch)
     return session
 
 
@@ -112,7 +107,7 @@ def main(argv=None) -> None:
     calibrate_batchnorm(model, images, b)
     rows = []
     evals = _interleaved({
-        "eval, no probe": lambda: _evaluate(model, images, b),
+        "eval, no probe": lambda: evaluate_in_batches(model, images, b),
         "eval, streaming response probe (all sites)": lambda: _streaming(model, images, b),
         "eval, streaming response probe (3x3 layer responses)":
             lambda: _streaming(model, images, b, LAYER_SITES),
@@ -126,7 +121,7 @@ def main(argv=None) -> None:
         sub = images[:n]
         state = _streaming(model, sub, b).state_bytes()
         rows.append({"case": "peak memory", "images": n,
-                     "no_probe_bytes": peak_memory(lambda: _evaluate(model, sub, b), device),
+                     "no_probe_bytes": peak_memory(lambda: evaluate_in_batches(model, sub, b), device),
                      "streaming_bytes": peak_memory(lambda: _streaming(model, sub, b), device),
                      "naive_capture_bytes": peak_memory(lambda: _naive_capture(model, sub, b), device),
                      "probe_state_bytes": state})

@@ -68,6 +68,13 @@ def _child_peak(fn, conn) -> None:
     conn.close()
 
 
+def evaluate_in_batches(model: torch.nn.Module, images: torch.Tensor, batch: int) -> None:
+    """``model`` on ``images``, ``batch`` at a time, without gradients (outputs discarded)."""
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            model(images[i:i + batch])
+
+
 def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch: int, batches: int = 8) -> None:
     """Set every BatchNorm's running statistics to the average over ``batches`` batches of ``images``
     (train-mode forwards, cumulative averaging), then put the model in eval mode: random weights then
@@ -77,9 +84,7 @@ def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch: int
             m.reset_running_stats()
             m.momentum = None
     model.train()
-    with torch.no_grad():
-        for i in range(0, min(len(images), batches * batch), batch):
-            model(images[i:i + batch])
+    evaluate_in_batches(model, images[:batches * batch], batch)
     model.eval()
 
 
