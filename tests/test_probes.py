@@ -79,6 +79,23 @@ def test_probe_std_matches_torch_std_on_both_reduction_paths():
         torch.testing.assert_close(st.channel_std, per_channel.std(dim=1), rtol=1e-6, atol=0, msg=name)
 
 
+def test_batches_in_and_out_of_inference_mode_are_recorded_alike():
+    """Working buffers made in inference mode (a Lightning validation) serve later no-grad batches."""
+    torch.manual_seed(4)
+    model = build_model("residual", 8).eval()
+    g = torch.Generator().manual_seed(4)
+    modes = (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad)
+    with probe(model, raw=True) as session:
+        for mode in modes:  # the first batch decides each site's reduction; the others take it
+            with mode():
+                model(torch.randn(6, 3, 32, 32, generator=g))
+    assert not all(session.response._centred.values())  # the raw-sum path was exercised
+    for name in session.sites:
+        ref = session.raw(name).double()
+        assert session.stats[name].count * ref.shape[1] == ref.numel()
+        torch.testing.assert_close(session.stats[name].global_std, ref.std(), rtol=1e-6, atol=0, msg=name)
+
+
 def test_merging_two_halves_equals_streaming_the_whole(batches):
     whole, first, second = ChannelStats(), ChannelStats(), ChannelStats()
     for i, b in enumerate(batches):

@@ -58,8 +58,9 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None,
 
     Args:
         x: the batch.
-        scratch: a dict in which to keep the centred-copy buffer between calls (one per shape),
-            sparing an allocation per call; memory of one activation, independent of the data size.
+        scratch: a dict in which to keep working buffers between calls (one per shape), sparing an
+            allocation per call: the centred copy (memory of one activation) and the raw per-piece
+            sums (2 x N x C values); independent of the data size.
         centred: centred pieces (exact for any mean) or raw sums (cheaper; see above).
 
     Returns:
@@ -77,8 +78,10 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None,
         if x.dim() >= 3 and x.is_contiguous():
             rows = x.reshape(x.shape[0], c, -1)  # a view: (example, channel, position)
             if not centred:
-                a = torch.stack((rows.sum(2), torch.linalg.vector_norm(rows, dim=2))).to(torch.float64)
-                return n_c, torch.stack((a[0].sum(0), a[1].square_().sum(0)))
+                pieces = _buffer(scratch, "pieces", (2, *rows.shape[:2]), rows)  # (sum; sum of squares, N, C)
+                torch.sum(rows, 2, out=pieces[0])
+                torch.linalg.vector_norm(rows, dim=2, out=pieces[1]).square_()
+                return n_c, pieces.sum(1, dtype=torch.float64)
             k = rows.shape[2]
             mean = rows.mean(2, keepdim=True)
             m2 = torch.linalg.vector_norm(_centred(rows, mean, scratch), dim=2)
@@ -104,13 +107,20 @@ def mean_share(count: int, moments: torch.Tensor) -> torch.Tensor:
 
 
 def _centred(x: torch.Tensor, mean: torch.Tensor, scratch: dict | None) -> torch.Tensor:
-    if scratch is None:
-        return x - mean
-    key = (tuple(x.shape), x.dtype, x.device)
-    buf = scratch.get(key)
+    return torch.sub(x, mean, out=_buffer(scratch, "centred", x.shape, x))
+
+
+def _buffer(scratch: dict | None, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, kept in ``scratch``; a
+    normal tensor even when made in inference mode, so later batches outside it can reuse it."""
+    key = (role, tuple(shape), like.dtype, like.device)
+    buf = None if scratch is None else scratch.get(key)
     if buf is None:
-        buf = scratch[key] = torch.empty_like(x)
-    return torch.sub(x, mean, out=buf)
+        with torch.inference_mode(False):
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if scratch is not None:
+            scratch[key] = buf
+    return buf
 
 
 class ChannelStats:
