@@ -7,13 +7,14 @@ a trained net:
 - evaluation time over N images with no probe, with the streaming response probe on every site
   (3x3 layer responses, branch, shortcut, block output), on the 3x3 layer responses only (He et al.
   Fig 7), and with the naive alternative (hooks that keep every activation, then ``torch.std``);
-  target: streaming <= 10 % slower than no probe;
+  target: streaming <= 10 % slower than no probe. Each case runs on its own copy of the model and
+  the cases advance one batch at a time in turn, so that drifting machine load hits all alike;
 - peak memory of that evaluation for two N: the streaming probe's state is O(channels), the naive
   capture grows with N;
 - one training step (forward, backward, SGD) with and without the gradient probe recording every
   step (parameter- and activation-gradient norms); target <= 15 % slower.
 
-    .venv/bin/python -m benchmarks.bench_probes                # CPU, small: ~1 min on 2 idle cores
+    .venv/bin/python -m benchmarks.bench_probes                # CPU, small: ~2 min on 2 idle cores
     .venv/bin/python -m benchmarks.bench_probes --size paper   # GPU: 10k images, batch 1000
 """
 from __future__ import annotations
@@ -21,12 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, median_time, peak_memory,
-                                record, resolve_device)
+                                record, resolve_device, synchronize)
 from resnet_probe.models import build_model
 from resnet_probe.probes import probe
 
@@ -39,6 +41,11 @@ SIZES = {  # images evaluated (two values for the memory comparison), eval batch
 
 def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
     """The naive probe: keep every branch output, then ``torch.std`` over the concatenation."""
+    return _finish(_naive_steps(model, images, batch))
+
+
+def _naive_steps(model, images: torch.Tensor, batch: int):
+    """``_naive_capture`` one batch per step (a generator; its last step computes the stds)."""
     kept: dict[int, list[torch.Tensor]] = {}
     handles = []
     for i, stage in enumerate(model.stages):
@@ -48,7 +55,7 @@ def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
             handles.append(block.branch.bn2.register_forward_hook(
                 lambda m, a, out, key=key: kept[key].append(out.detach().clone())))
     try:
-        evaluate_in_batches(model, images, batch)
+        yield from _evaluation_steps(model, images, batch)
     finally:
         for h in handles:
             h.remove()
@@ -56,9 +63,70 @@ def _naive_capture(model, images: torch.Tensor, batch: int) -> dict:
 
 
 def _streaming(model, images: torch.Tensor, batch: int, sites="*"):
+    return _finish(_streaming_steps(model, images, batch, sites))
+
+
+def _streaming_steps(model, images: torch.Tensor, batch: int, sites="*"):
+    """Evaluation under the streaming response probe, one batch per step; returns the session."""
     with probe(model, sites=sites) as session:
-        evaluate_in_batches(model, images, batch)
+        yield from _evaluation_steps(model, images, batch)
     return session
+
+
+def _evaluation_steps(model, images: torch.Tensor, batch: int):
+    """``evaluate_in_batches`` one batch per step (a generator)."""
+    for i in range(0, len(images), batch):
+        with torch.no_grad():
+            model(images[i:i + batch])
+        yield
+
+
+def _finish(steps):
+    """Run a step generator to its end; returns its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _lockstep(cases: dict, repeats: int, device) -> dict:
+    """Time of each evaluation case, the cases advanced one batch at a time in turn.
+
+    ``cases`` maps a name to a function returning a fresh step generator (set-up, one batch per
+    step, finishing work in its last step), each on its own copy of the model. Interleaving at the
+    batch, not the whole evaluation, and changing which case goes first at every step, lets drifting
+    machine load and cache state hit every case alike.
+
+    Returns:
+        ``{name: {"median_ms", "min_ms", "ratio"}}``: total time of one evaluation (every step,
+        set-up and finish included), and the median over repeats of its ratio to the first case's
+        total in the same repeat.
+    """
+    for make in cases.values():  # warm-up
+        _finish(make())
+    totals = {n: [] for n in cases}
+    for _ in range(repeats):
+        running = {n: make() for n, make in cases.items()}
+        spent = dict.fromkeys(cases, 0.0)
+        step = 0
+        while running:
+            names = list(running)
+            step += 1
+            for n in names[step % len(names):] + names[:step % len(names)]:  # each case first in turn
+                synchronize(device)
+                t0 = time.perf_counter()
+                try:
+                    next(running[n])
+                except StopIteration:
+                    del running[n]
+                synchronize(device)
+                spent[n] += time.perf_counter() - t0
+        for n, t in spent.items():
+            totals[n].append(t * 1e3)
+    base = totals[next(iter(cases))]
+    return {n: {"median_ms": statistics.median(t), "min_ms": min(t),
+                "ratio": statistics.median(a / b for a, b in zip(t, base))} for n, t in totals.items()}
 
 
 def _train_step(model, opt, x, y, session=None) -> None:
@@ -106,12 +174,13 @@ def main(argv=None) -> None:
     b = cfg["eval_batch"]
     calibrate_batchnorm(model, images, b)
     rows = []
-    evals = _interleaved({
-        "eval, no probe": lambda: evaluate_in_batches(model, images, b),
-        "eval, streaming response probe (all sites)": lambda: _streaming(model, images, b),
+    copies = [copy.deepcopy(model) for _ in range(4)]  # one per case: a probe hooks only its own copy
+    evals = _lockstep({
+        "eval, no probe": lambda: _evaluation_steps(copies[0], images, b),
+        "eval, streaming response probe (all sites)": lambda: _streaming_steps(copies[1], images, b),
         "eval, streaming response probe (3x3 layer responses)":
-            lambda: _streaming(model, images, b, LAYER_SITES),
-        "eval, naive capture + torch.std (branch sites)": lambda: _naive_capture(model, images, b),
+            lambda: _streaming_steps(copies[2], images, b, LAYER_SITES),
+        "eval, naive capture + torch.std (branch sites)": lambda: _naive_steps(copies[3], images, b),
     }, args.repeats, device)
     for name, t in evals.items():
         rows.append({"case": name, "images": n_large, "median_ms": t["median_ms"], "min_ms": t["min_ms"],

@@ -30,7 +30,8 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def _sync(device) -> None:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on a CPU."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -41,7 +42,7 @@ def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
     cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         if cuda:
