@@ -27,8 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, median_time, peak_memory,
-                                record, resolve_device, synchronize)
+from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, evaluation_steps,
+                                peak_memory, record, resolve_device, synchronize)
 from resnet_probe.models import build_model
 from resnet_probe.probes import probe
 
@@ -55,7 +55,7 @@ def _naive_steps(model, images: torch.Tensor, batch: int):
             handles.append(block.branch.bn2.register_forward_hook(
                 lambda m, a, out, key=key: kept[key].append(out.detach().clone())))
     try:
-        yield from _evaluation_steps(model, images, batch)
+        yield from evaluation_steps(model, images, batch)
     finally:
         for h in handles:
             h.remove()
@@ -69,16 +69,8 @@ def _streaming(model, images: torch.Tensor, batch: int, sites="*"):
 def _streaming_steps(model, images: torch.Tensor, batch: int, sites="*"):
     """Evaluation under the streaming response probe, one batch per step; returns the session."""
     with probe(model, sites=sites) as session:
-        yield from _evaluation_steps(model, images, batch)
+        yield from evaluation_steps(model, images, batch)
     return session
-
-
-def _evaluation_steps(model, images: torch.Tensor, batch: int):
-    """``evaluate_in_batches`` one batch per step (a generator)."""
-    for i in range(0, len(images), batch):
-        with torch.no_grad():
-            model(images[i:i + batch])
-        yield
 
 
 def _finish(steps):
@@ -91,15 +83,15 @@ def _finish(steps):
 
 
 def _lockstep(cases: dict, repeats: int, device) -> dict:
-    """Time of each evaluation case, the cases advanced one batch at a time in turn.
+    """Time of each case, the cases advanced one step at a time in turn.
 
-    ``cases`` maps a name to a function returning a fresh step generator (set-up, one batch per
-    step, finishing work in its last step), each on its own copy of the model. Interleaving at the
-    batch, not the whole evaluation, and changing which case goes first at every step, lets drifting
-    machine load and cache state hit every case alike.
+    ``cases`` maps a name to a function returning a fresh step generator (set-up, one batch or
+    training step per step, finishing work in its last step), each on its own copy of the model.
+    Interleaving at the step, not the whole run, and changing which case goes first at every step,
+    lets drifting machine load and cache state hit every case alike.
 
     Returns:
-        ``{name: {"median_ms", "min_ms", "ratio"}}``: total time of one evaluation (every step,
+        ``{name: {"median_ms", "min_ms", "ratio"}}``: total time of one run of the case (every step,
         set-up and finish included), and the median over repeats of its ratio to the first case's
         total in the same repeat.
     """
@@ -129,31 +121,14 @@ def _lockstep(cases: dict, repeats: int, device) -> dict:
                 "ratio": statistics.median(a / b for a, b in zip(t, base))} for n, t in totals.items()}
 
 
-def _train_step(model, opt, x, y, session=None) -> None:
+def _train_step(model, opt, x, y, session=None):
+    """One training step (forward, backward, SGD), as a one-step generator for ``_lockstep``."""
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     if session is not None:
         session.record_gradients()
     opt.step()
-
-
-def _interleaved(cases: dict, repeats: int, device) -> dict:
-    """Median time of each case, the cases run alternately so that drifting machine load hits all alike.
-
-    Returns:
-        ``{name: {"median_ms", "min_ms", "ratio"}}`` where ``ratio`` is the median over rounds of the
-        case's time divided by the first case's time in the same round.
-    """
-    names = list(cases)
-    for fn in cases.values():  # warm-up
-        fn()
-    times = {n: [] for n in names}
-    for _ in range(repeats):
-        for n in names:
-            times[n].append(median_time(cases[n], repeats=1, warmup=0, device=device)["median_ms"])
-    base = times[names[0]]
-    return {n: {"median_ms": statistics.median(t), "min_ms": min(t),
-                "ratio": statistics.median(a / b for a, b in zip(t, base))} for n, t in times.items()}
+    yield
 
 
 def main(argv=None) -> None:
@@ -176,7 +151,7 @@ def main(argv=None) -> None:
     rows = []
     copies = [copy.deepcopy(model) for _ in range(4)]  # one per case: a probe hooks only its own copy
     evals = _lockstep({
-        "eval, no probe": lambda: _evaluation_steps(copies[0], images, b),
+        "eval, no probe": lambda: evaluation_steps(copies[0], images, b),
         "eval, streaming response probe (all sites)": lambda: _streaming_steps(copies[1], images, b),
         "eval, streaming response probe (3x3 layer responses)":
             lambda: _streaming_steps(copies[2], images, b, LAYER_SITES),
@@ -202,7 +177,7 @@ def main(argv=None) -> None:
     x = torch.randn(cfg["train_batch"], 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (cfg["train_batch"],), generator=g).to(device)
     with probe(probed, metrics=("gradient",)) as session:
-        steps = _interleaved({
+        steps = _lockstep({
             "train step, no probe": lambda: _train_step(plain, opt_plain, x, y),
             "train step, gradient probe every step": lambda: _train_step(probed, opt_probed, x, y, session),
         }, args.repeats, device)

@@ -71,9 +71,16 @@ def _child_peak(fn, conn) -> None:
 
 def evaluate_in_batches(model: torch.nn.Module, images: torch.Tensor, batch: int) -> None:
     """``model`` on ``images``, ``batch`` at a time, without gradients (outputs discarded)."""
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
+    for _ in evaluation_steps(model, images, batch):
+        pass
+
+
+def evaluation_steps(model: torch.nn.Module, images: torch.Tensor, batch: int):
+    """``evaluate_in_batches`` one batch per step: a generator that yields after each batch."""
+    for i in range(0, len(images), batch):
+        with torch.no_grad():
             model(images[i:i + batch])
+        yield
 
 
 def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch: int, batches: int = 8) -> None:
