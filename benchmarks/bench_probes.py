@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, evaluation_steps,
                                 peak_memory, record, resolve_device, synchronize)
 from resnet_probe.models import build_model
-from resnet_probe.probes import probe
+from resnet_probe.probes import native, probe
 
 LAYER_SITES = "*.branch.conv*"  # each 3x3 layer's response after BN (He et al. 2016, Fig 7)
 SIZES = {  # images evaluated (two values for the memory comparison), eval batch, train batch
@@ -188,6 +188,7 @@ def main(argv=None) -> None:
 
     config = {"model": "residual-56", "size": size, "device": str(device), "hardware": device_name(device),
               "repeats": args.repeats, "threads": torch.get_num_threads(), **cfg,
+              "cpu_reduction": "one-read kernel" if native.available() else native.status(),
               "targets": "streaming eval <= 1.10x, gradient-probe train step <= 1.15x"}
     record("probes", rows, config=config, device=device)
 

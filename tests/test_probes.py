@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from resnet_probe.models import anatomy, build_model
-from resnet_probe.probes import ChannelStats, NonFiniteError, probe, site_names
+from resnet_probe.probes import ChannelStats, NonFiniteError, native, probe, site_names
 
 FAMILIES = ("plain", "residual", "highway", "preact")
 
@@ -37,11 +37,26 @@ def batches():
             for n in (3, 11, 1, 6)]
 
 
+@pytest.fixture(params=["one-read kernel", "torch reductions"])
+def cpu_reduction(request, monkeypatch):
+    """CPU batches reduced by the one-read kernel, or by PyTorch's reductions (centred or raw)."""
+    if request.param == "one-read kernel" and not native.available():
+        pytest.skip(native.status())
+    monkeypatch.setenv("RESNET_PROBE_NATIVE", "1" if request.param == "one-read kernel" else "0")
+    return request.param
+
+
+def _took_kernel(session) -> bool:
+    """Whether the session reduced batches with the one-read kernel (its working buffer exists)."""
+    return any(key[0] == "native" for key in session.response._scratch)
+
+
 # -- streaming statistics --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype, rtol, layout", [
     (torch.float32, 1e-6, torch.contiguous_format), (torch.float64, 1e-12, torch.contiguous_format),
     (torch.bfloat16, 1e-6, torch.contiguous_format), (torch.float32, 1e-6, torch.channels_last)])
-def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, dtype, rtol, layout):
+def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, dtype, rtol, layout,
+                                                                       cpu_reduction):
     st = ChannelStats()
     for b in batches:
         st.update(b.to(dtype).contiguous(memory_format=layout))
@@ -55,7 +70,7 @@ def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, d
     assert st.count == ref.numel() // 5
 
 
-def test_probe_std_matches_torch_std_on_both_reduction_paths():
+def test_probe_std_matches_torch_std_on_both_reduction_paths(cpu_reduction):
     """Sites whose first batch is near zero-mean switch to raw sums, an offset site stays centred; both exact."""
     torch.manual_seed(3)
     model = build_model("residual", 14)
@@ -68,9 +83,11 @@ def test_probe_std_matches_torch_std_on_both_reduction_paths():
     with torch.no_grad(), probe(model, raw=True) as session:
         for n in (5, 2, 7):
             model(torch.randn(n, 3, 32, 32, generator=g))
+        took_kernel = _took_kernel(session)
     centred = session.response._centred
     assert centred["stage3.block2.branch.conv1"] is True
     assert sum(not c for c in centred.values()) >= len(centred) // 2  # most sites took raw sums
+    assert took_kernel == (cpu_reduction == "one-read kernel")
     for name in session.sites:
         st = session.stats[name]
         ref = session.raw(name).double()
@@ -79,7 +96,7 @@ def test_probe_std_matches_torch_std_on_both_reduction_paths():
         torch.testing.assert_close(st.channel_std, per_channel.std(dim=1), rtol=1e-6, atol=0, msg=name)
 
 
-def test_batches_in_and_out_of_inference_mode_are_recorded_alike():
+def test_batches_in_and_out_of_inference_mode_are_recorded_alike(cpu_reduction):
     """Working buffers made in inference mode (a Lightning validation) serve later no-grad batches."""
     torch.manual_seed(4)
     model = build_model("residual", 8).eval()
@@ -89,7 +106,9 @@ def test_batches_in_and_out_of_inference_mode_are_recorded_alike():
         for mode in modes:  # the first batch decides each site's reduction; the others take it
             with mode():
                 model(torch.randn(6, 3, 32, 32, generator=g))
+        took_kernel = _took_kernel(session)
     assert not all(session.response._centred.values())  # the raw-sum path was exercised
+    assert took_kernel == (cpu_reduction == "one-read kernel")
     for name in session.sites:
         ref = session.raw(name).double()
         assert session.stats[name].count * ref.shape[1] == ref.numel()

@@ -27,6 +27,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from . import native
+
 SUMMARY_METRICS = ("count", "mean", "std", "channel_std_mean", "rms")
 
 
@@ -53,8 +55,14 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None,
     squares.
 
     Raw (``centred=False``, contiguous tensors only): each piece's plain sum and sum of squares,
-    one read of ``x`` and no copy. The relative error of the variance is then about the float32
-    rounding times ``1 / (1 - mean_share)``; callers use it only where ``mean_share`` is small.
+    two reads of ``x`` (a sum and a norm) and no copy. The relative error of the variance is then
+    about the float32 rounding times ``1 / (1 - mean_share)``; callers use it only where
+    ``mean_share`` is small.
+
+    On the CPU, contiguous float32 / float64 batches take neither: the one-read kernel
+    (``native.channel_moments``) adds each value and its square in float64. Its sums are as exact
+    as the centred pieces', whose float64 totals meet the same ``mean^2 / var`` cancellation when
+    the variance is taken, so ``centred`` does not matter there.
 
     Args:
         x: the batch.
@@ -69,12 +77,15 @@ def batch_moments(x: torch.Tensor, scratch: dict | None = None,
     if x.dim() < 2:
         raise ValueError(f"expected an activation of shape (N, C, ...); got shape {tuple(x.shape)}")
     n_c, c = x.numel() // max(x.shape[1], 1), x.shape[1]
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.detach().float()
+    m = native.channel_moments(x, scratch)  # reads x through a pointer: no autograd to keep out
+    if m is not None:
+        return n_c, m
     with torch.no_grad():
         x = x.detach()
         if x.numel() == 0:
             return 0, torch.zeros(2, c, dtype=torch.float64, device=x.device)
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
         if x.dim() >= 3 and x.is_contiguous():
             rows = x.reshape(x.shape[0], c, -1)  # a view: (example, channel, position)
             if not centred:
@@ -148,8 +159,9 @@ class ChannelStats:
         elif self.moments.shape != moments.shape:
             raise ValueError(f"channel count changed: accumulated {self.moments.shape[1]}, "
                              f"got {moments.shape[1]}")
-        with torch.no_grad():
-            self.moments.add_(moments.to(self.moments.device))
+        if moments.requires_grad or moments.device != self.moments.device:
+            moments = moments.detach().to(self.moments.device)
+        self.moments.add_(moments)  # neither side carries autograd history
         self.count += int(count)
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
