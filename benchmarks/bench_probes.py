@@ -11,8 +11,9 @@ a trained net:
   the cases advance one batch at a time in turn, so that drifting machine load hits all alike;
 - peak memory of that evaluation for two N: the streaming probe's state is O(channels), the naive
   capture grows with N;
-- one training step (forward, backward, SGD) with and without the gradient probe recording every
-  step (parameter- and activation-gradient norms); target <= 15 % slower.
+- the training step (forward, backward, SGD; ms per step over runs of 8 steps, 50 on the GPU) with
+  and without the gradient probe recording every step (parameter- and activation-gradient norms);
+  target <= 15 % slower.
 
     .venv/bin/python -m benchmarks.bench_probes                # CPU, small: ~2 min on 2 idle cores
     .venv/bin/python -m benchmarks.bench_probes --size paper   # GPU: 10k images, batch 1000
@@ -34,8 +35,8 @@ from resnet_probe.probes import native, probe
 
 LAYER_SITES = "*.branch.conv*"  # each 3x3 layer's response after BN (He et al. 2016, Fig 7)
 SIZES = {  # images evaluated (two values for the memory comparison), eval batch, train batch
-    "small": dict(n_eval=(256, 1024), eval_batch=64, train_batch=64),
-    "paper": dict(n_eval=(5000, 10000), eval_batch=1000, train_batch=128),
+    "small": dict(n_eval=(256, 1024), eval_batch=64, train_batch=64, train_steps=8),
+    "paper": dict(n_eval=(5000, 10000), eval_batch=1000, train_batch=128, train_steps=50),
 }
 
 
@@ -121,14 +122,15 @@ def _lockstep(cases: dict, repeats: int, device) -> dict:
                 "ratio": statistics.median(a / b for a, b in zip(t, base))} for n, t in totals.items()}
 
 
-def _train_step(model, opt, x, y, session=None):
-    """One training step (forward, backward, SGD), as a one-step generator for ``_lockstep``."""
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    if session is not None:
-        session.record_gradients()
-    opt.step()
-    yield
+def _train_steps(model, opt, x, y, steps: int, session=None):
+    """``steps`` training steps (forward, backward, SGD), one per generator step, for ``_lockstep``."""
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if session is not None:
+            session.record_gradients()
+        opt.step()
+        yield
 
 
 def main(argv=None) -> None:
@@ -178,13 +180,14 @@ def main(argv=None) -> None:
     y = torch.randint(0, 10, (cfg["train_batch"],), generator=g).to(device)
     with probe(probed, metrics=("gradient",)) as session:
         steps = _lockstep({
-            "train step, no probe": lambda: _train_step(plain, opt_plain, x, y),
-            "train step, gradient probe every step": lambda: _train_step(probed, opt_probed, x, y, session),
+            "train step, no probe": lambda: _train_steps(plain, opt_plain, x, y, cfg["train_steps"]),
+            "train step, gradient probe every step":
+                lambda: _train_steps(probed, opt_probed, x, y, cfg["train_steps"], session),
         }, args.repeats, device)
         session.gradient.reset()
     for name, t in steps.items():
-        rows.append({"case": name, "batch": cfg["train_batch"], "median_ms": t["median_ms"],
-                     "min_ms": t["min_ms"], "ratio_vs_no_probe": t["ratio"]})
+        rows.append({"case": name, "batch": cfg["train_batch"], "median_ms": t["median_ms"] / cfg["train_steps"],
+                     "min_ms": t["min_ms"] / cfg["train_steps"], "ratio_vs_no_probe": t["ratio"]})
 
     config = {"model": "residual-56", "size": size, "device": str(device), "hardware": device_name(device),
               "repeats": args.repeats, "threads": torch.get_num_threads(), **cfg,
