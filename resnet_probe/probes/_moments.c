@@ -6,31 +6,34 @@
  * thread split never changes what is added to what, so the result does not depend on `threads`.
  * A float32 value and its square are exact in float64: only the additions round.
  */
-#define CHANNEL_MOMENTS(NAME, T)                                                           \
-  void NAME(const T *x, long n, long c, long k, double *pieces, double *out, int threads) { \
-    long planes = n * c;                                                                   \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                      \
-    for (long p = 0; p < planes; ++p) {                                                    \
-      const T *row = x + p * k;                                                            \
-      double s = 0.0, q = 0.0;                                                             \
-      _Pragma("omp simd reduction(+:s,q)")                                                 \
-      for (long i = 0; i < k; ++i) {                                                       \
-        double v = row[i];                                                                 \
-        s += v;                                                                            \
-        q += v * v;                                                                        \
-      }                                                                                    \
-      pieces[2 * p] = s;                                                                   \
-      pieces[2 * p + 1] = q;                                                               \
-    }                                                                                      \
-    for (long j = 0; j < c; ++j) {                                                         \
-      out[j] = 0.0;                                                                        \
-      out[c + j] = 0.0;                                                                    \
-    }                                                                                      \
-    for (long i = 0; i < n; ++i)                                                           \
-      for (long j = 0; j < c; ++j) {                                                       \
-        out[j] += pieces[2 * (i * c + j)];                                                 \
-        out[c + j] += pieces[2 * (i * c + j) + 1];                                         \
-      }                                                                                    \
+#include <stdint.h>
+
+#define CHANNEL_MOMENTS(NAME, T)                                                                  \
+  void NAME(const T *x, int64_t n, int64_t c, int64_t k, double *pieces, double *out,             \
+            int threads) {                                                                        \
+    int64_t planes = n * c;                                                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+    for (int64_t p = 0; p < planes; ++p) {                                                        \
+      const T *row = x + p * k;                                                                   \
+      double s = 0.0, q = 0.0;                                                                    \
+      _Pragma("omp simd reduction(+:s,q)")                                                        \
+      for (int64_t i = 0; i < k; ++i) {                                                           \
+        double v = row[i];                                                                        \
+        s += v;                                                                                   \
+        q += v * v;                                                                               \
+      }                                                                                           \
+      pieces[2 * p] = s;                                                                          \
+      pieces[2 * p + 1] = q;                                                                      \
+    }                                                                                             \
+    for (int64_t j = 0; j < c; ++j) {                                                             \
+      out[j] = 0.0;                                                                               \
+      out[c + j] = 0.0;                                                                           \
+    }                                                                                             \
+    for (int64_t i = 0; i < n; ++i)                                                               \
+      for (int64_t j = 0; j < c; ++j) {                                                           \
+        out[j] += pieces[2 * (i * c + j)];                                                        \
+        out[c + j] += pieces[2 * (i * c + j) + 1];                                                \
+      }                                                                                           \
   }
 
 CHANNEL_MOMENTS(channel_moments_f32, float)

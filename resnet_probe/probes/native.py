@@ -113,7 +113,7 @@ def _load(path: Path) -> dict:
     kernels = {}
     for dtype, name in _KERNEL_NAMES.items():
         fn = kernels[dtype] = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         fn.restype = None
     return kernels
