@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+from ..cache import cache_root
 from ._seeding import seeded_generator
 from .source import IMAGE_SHAPE, DataSource
 
@@ -37,7 +38,7 @@ class PackFormatError(ValueError):
 
 def cache_dir() -> Path:
     """Where decoded packs are cached: ``$RESNET_PROBE_CACHE`` or ``~/.cache/resnet_probe``."""
-    return Path(os.environ.get("RESNET_PROBE_CACHE") or Path.home() / ".cache" / "resnet_probe")
+    return cache_root()
 
 
 def _fail(path: Path, problem: str) -> PackFormatError:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
+from ..cache import cache_root
 
 SOURCE = Path(__file__).with_name("_moments.c")
 FLAG_SETS = (  # tried in order: the first that compiles is used
@@ -90,8 +91,7 @@ def status() -> str:
 
 def cache_dir() -> Path:
     """``$RESNET_PROBE_CACHE/native``, default ``~/.cache/resnet_probe/native``."""
-    root = os.environ.get("RESNET_PROBE_CACHE") or Path.home() / ".cache" / "resnet_probe"
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _kernels() -> dict | None:
@@ -123,11 +123,10 @@ def _build() -> Path:
     """The path of the compiled kernel for this source, compiler and CPU, compiling it if needed."""
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
+    identity = [SOURCE.read_bytes(), compiler.encode(), version.encode(), _cpu().encode()]
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(),
-                                         _cpu().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([*identity, " ".join(flags).encode()])).hexdigest()[:16]
         path = cache_dir() / f"moments-{key}.so"
         if not path.exists():
             try:
