@@ -20,7 +20,8 @@ def _reference(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(7, 5, 9, 11), (64, 16, 32, 32), (3, 4), (1, 3, 1, 1), (2, 6, 5)])
+@pytest.mark.parametrize("shape", [(7, 5, 9, 11), (64, 16, 32, 32), (3, 4), (1, 3, 1, 1), (2, 6, 5),
+                                   (4, 3, 16), (4, 3, 17)])  # planes of one and one-plus-a-tail 16-value step
 def test_kernel_sums_equal_float64_sums_of_the_values(shape, dtype):
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3 + 2).to(dtype)
     torch.testing.assert_close(native.channel_moments(x), _reference(x), rtol=1e-13, atol=0)
