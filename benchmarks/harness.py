@@ -175,13 +175,20 @@ def _markdown_table(rows: list[dict]) -> str:
 
 def record(name: str, rows: list[dict], *, config: dict, device: torch.device | str = "cpu",
            results_dir: Path | None = None) -> Path:
-    """Write ``<name>-<device>-<date>.json`` and ``.md`` into ``benchmarks/results/``; return the JSON path."""
+    """Write ``<name>-<device>-<date>.json`` and ``.md`` into ``benchmarks/results/``; return the JSON path.
+
+    ``<device>`` is ``cpu`` or ``gpu``, followed by the size (``cpu-paper``) when ``config["size"]`` is
+    not the device's default one (small on the CPU, paper on a GPU), so such a run keeps its own file.
+    """
     from resnet_probe.atomic import atomic_write_text
 
     env = environment(device)
     out = Path(results_dir or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     kind = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    size = config.get("size")
+    if size is not None and size != ("paper" if kind == "gpu" else "small"):
+        kind = f"{kind}-{size}"
     stem = f"{name}-{kind}-{env['date'][:10]}"
     payload = {"benchmark": name, "environment": env, "config": config, "rows": rows}
     atomic_write_text(out / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
