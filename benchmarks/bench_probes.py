@@ -17,6 +17,7 @@ a trained net:
 
     .venv/bin/python -m benchmarks.bench_probes                # CPU, small: ~2 min on 2 idle cores
     .venv/bin/python -m benchmarks.bench_probes --size paper   # GPU: 10k images, batch 1000
+    .venv/bin/python -m benchmarks.bench_probes --size paper --device cpu --repeats 3  # the same on the CPU: ~30 min
 """
 from __future__ import annotations
 
