@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, median_time, record,
-                                resolve_device)
+from benchmarks.harness import (calibrate_batchnorm, default_size, device_name, evaluate_in_batches, median_time,
+                                record, resolve_device)
 from resnet_probe.lesion import evaluate_deletion_sets
 from resnet_probe.lesion.engine import default_max_batch
 from resnet_probe.models import build_model, evaluation_model, fold_batchnorm
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
                    help="fp32 (CPU default) or bf16 autocast (CUDA default)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    size = args.size or ("paper" if device.type == "cuda" else "small")
+    size = args.size or default_size(device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     cfg = dict(SIZES[size])
     if cfg["max_batch"] is None:

@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (calibrate_batchnorm, device_name, evaluate_in_batches, evaluation_steps,
-                                peak_memory, record, resolve_device, synchronize)
+from benchmarks.harness import (calibrate_batchnorm, default_size, device_name, evaluate_in_batches,
+                                evaluation_steps, peak_memory, record, resolve_device, synchronize)
 from resnet_probe.models import build_model
 from resnet_probe.probes import native, probe
 
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    size = args.size or ("paper" if device.type == "cuda" else "small")
+    size = args.size or default_size(device)
     cfg = SIZES[size]
     torch.manual_seed(0)
     model = build_model("residual", 56).to(device)

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from benchmarks.harness import device_name, median_time, peak_memory, record, resolve_device
+from benchmarks.harness import default_size, device_name, median_time, peak_memory, record, resolve_device
 from resnet_probe.data import CIFAR_MEAN, CIFAR_STD, CifarDataModule, DataSource
 from resnet_probe.models import build_model
 from resnet_probe.train.grouped import GroupedClassifier, per_model_train_batches
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the baseline (0 CPU, 8 GPU)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    size = args.size or ("paper" if device.type == "cuda" else "small")
+    size = args.size or default_size(device)
     cfg = dict(SIZES[size])
     repeats = args.repeats or (7 if size == "paper" else 3)
     models = args.models or cfg["models"]

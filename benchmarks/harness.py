@@ -173,6 +173,11 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_size(device: torch.device | str) -> str:
+    """The benchmark size a device runs when none is asked for: ``paper`` on a GPU, ``small`` on the CPU."""
+    return "paper" if torch.device(device).type == "cuda" else "small"
+
+
 def record(name: str, rows: list[dict], *, config: dict, device: torch.device | str = "cpu",
            results_dir: Path | None = None) -> Path:
     """Write ``<name>-<device>-<date>.json`` and ``.md`` into ``benchmarks/results/``; return the JSON path.
@@ -187,7 +192,7 @@ def record(name: str, rows: list[dict], *, config: dict, device: torch.device | 
     out.mkdir(parents=True, exist_ok=True)
     kind = "gpu" if torch.device(device).type == "cuda" else "cpu"
     size = config.get("size")
-    if size is not None and size != ("paper" if kind == "gpu" else "small"):
+    if size is not None and size != default_size(device):
         kind = f"{kind}-{size}"
     stem = f"{name}-{kind}-{env['date'][:10]}"
     payload = {"benchmark": name, "environment": env, "config": config, "rows": rows}
