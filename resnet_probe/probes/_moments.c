@@ -21,12 +21,12 @@ static double lane_total(__m256d a, __m256d b, __m256d c, __m256d d) {
   return _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
 }
 
-/* LOAD4(row, i) gives four float64 values of the row starting at i as one __m256d. */
-#define PLANE_MOMENTS(NAME, T, LOAD4)                                                             \
-  static void NAME(const T *row, int64_t k, double *sum, double *sumsq) {                        \
+/* Adds the row's first multiple of 16 values into s and q and leaves i after them.
+ * LOAD4(row, i) gives four float64 values of the row starting at i as one __m256d. */
+#define WIDE_PART(row, k, i, s, q, LOAD4)                                                         \
+  {                                                                                               \
     __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;                                  \
     __m256d q0 = s0, q1 = s0, q2 = s0, q3 = s0;                                                   \
-    int64_t i = 0;                                                                                \
     for (; i + 16 <= k; i += 16) {                                                                \
       __m256d v0 = LOAD4(row, i), v1 = LOAD4(row, i + 4);                                         \
       __m256d v2 = LOAD4(row, i + 8), v3 = LOAD4(row, i + 12);                                    \
@@ -35,29 +35,29 @@ static double lane_total(__m256d a, __m256d b, __m256d c, __m256d d) {
       q0 = _mm256_fmadd_pd(v0, v0, q0), q1 = _mm256_fmadd_pd(v1, v1, q1);                         \
       q2 = _mm256_fmadd_pd(v2, v2, q2), q3 = _mm256_fmadd_pd(v3, v3, q3);                         \
     }                                                                                             \
-    double s = lane_total(s0, s1, s2, s3), q = lane_total(q0, q1, q2, q3);                        \
-    for (; i < k; ++i) {                                                                          \
-      double v = row[i];                                                                          \
-      s += v;                                                                                     \
-      q += v * v;                                                                                 \
-    }                                                                                             \
-    *sum = s;                                                                                     \
-    *sumsq = q;                                                                                   \
+    s = lane_total(s0, s1, s2, s3);                                                               \
+    q = lane_total(q0, q1, q2, q3);                                                               \
   }
-
 #define LOAD4_F32(row, i) _mm256_cvtps_pd(_mm_loadu_ps((row) + (i)))
 #define LOAD4_F64(row, i) _mm256_loadu_pd((row) + (i))
-PLANE_MOMENTS(plane_moments_f32, float, LOAD4_F32)
-PLANE_MOMENTS(plane_moments_f64, double, LOAD4_F64)
+#define REST_PRAGMA /* at most 15 values are left: a plain loop */
 
 #else
 
-#define PLANE_MOMENTS(NAME, T)                                                                    \
+#define WIDE_PART(row, k, i, s, q, LOAD4) /* no wide part: the loop below takes the whole row */
+#define REST_PRAGMA _Pragma("omp simd reduction(+:s,q)")
+
+#endif
+
+/* Sum and sum of squares of one plane of k values: the wide part, where built, then the rest. */
+#define PLANE_MOMENTS(NAME, T, LOAD4)                                                             \
   static void NAME(const T *row, int64_t k, double *sum, double *sumsq) {                        \
     double s = 0.0, q = 0.0;                                                                      \
-    _Pragma("omp simd reduction(+:s,q)")                                                          \
-    for (int64_t i = 0; i < k; ++i) {                                                             \
-      double v = row[i];                                                                          \
+    int64_t i = 0;                                                                                \
+    WIDE_PART(row, k, i, s, q, LOAD4)                                                             \
+    REST_PRAGMA                                                                                   \
+    for (int64_t j = i; j < k; ++j) {                                                             \
+      double v = row[j];                                                                          \
       s += v;                                                                                     \
       q += v * v;                                                                                 \
     }                                                                                             \
@@ -65,10 +65,8 @@ PLANE_MOMENTS(plane_moments_f64, double, LOAD4_F64)
     *sumsq = q;                                                                                   \
   }
 
-PLANE_MOMENTS(plane_moments_f32, float)
-PLANE_MOMENTS(plane_moments_f64, double)
-
-#endif
+PLANE_MOMENTS(plane_moments_f32, float, LOAD4_F32)
+PLANE_MOMENTS(plane_moments_f64, double, LOAD4_F64)
 
 #define CHANNEL_MOMENTS(NAME, T, PLANE)                                                           \
   void NAME(const T *x, int64_t n, int64_t c, int64_t k, double *pieces, double *out,             \
