@@ -6,6 +6,7 @@ row can be compared only with rows measured on the same machine.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import multiprocessing as mp
@@ -14,6 +15,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -60,12 +62,51 @@ def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
             "repeats": repeats}
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """``field`` (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in bytes; None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_resident_peak() -> int | None:
+    """Return the freed heap to the system (glibc ``malloc_trim``), then reset this process's peak
+    resident set to its current one (``/proc/self/clear_refs``); the current resident set in bytes,
+    or None where Linux's ``/proc`` does not allow it."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
+def _lifetime_peak() -> int:
+    """This process's peak resident set in bytes (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _child_peak(fn, conn) -> None:
     # A forked child inherits the parent's intra-op thread pool in a broken state: use one thread.
     torch.set_num_threads(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    base = _reset_resident_peak()
+    if base is None:  # no /proc: the lifetime peak, which an earlier peak of the parent may hide
+        base = _lifetime_peak()
+        fn()
+        peak = _lifetime_peak()
+    else:
+        fn()
+        peak = _proc_status_bytes("VmHWM")
+    conn.send(peak - base)
     conn.close()
 
 
@@ -100,8 +141,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
     """Peak memory growth in bytes while ``fn()`` runs.
 
     CUDA: ``max_memory_allocated`` above what was allocated before. CPU: the peak resident set
-    growth of a forked child process that runs ``fn`` (so earlier allocations of this process do
-    not hide it).
+    of a forked child process that runs ``fn``, above its resident set at the start. Before the
+    start the child returns the heap it inherited freed to the system and resets its peak (Linux),
+    so neither memory this process freed earlier nor its earlier peak hides what ``fn`` needs.
     """
     device = torch.device(device)
     if device.type == "cuda":
