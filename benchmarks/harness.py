@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -75,11 +76,15 @@ def _proc_status_bytes(field: str) -> int | None:
 
 
 def _reset_resident_peak() -> int | None:
-    """Return the freed heap to the system (glibc ``malloc_trim``), then reset this process's peak
-    resident set to its current one (``/proc/self/clear_refs``); the current resident set in bytes,
-    or None where Linux's ``/proc`` does not allow it."""
+    """Return the freed heap to the system (glibc ``malloc_trim``) and have every later block of
+    128 KiB or more mapped on its own (so it is unmapped when freed, and the peak counts the memory
+    held, not where the heap happened to place blocks); then reset this process's peak resident set
+    to its current one (``/proc/self/clear_refs``). Returns the current resident set in bytes, or
+    None where Linux's ``/proc`` does not allow it."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
     try:
