@@ -7,15 +7,19 @@ Rows, per architecture, all measured in the same run on the same device:
 - ``b_lightning``: ``CifarClassifier`` + ``CifarDataModule`` through a Lightning Trainer; on a GPU
   the data is resident there, bf16 autocast, channels_last and ``torch.compile``; on a CPU the
   module's own CPU path (fp32 eager, CPU-resident batches).
+- ``b_lightning_probes``: (b) with the probes on, as a study attaches them: ``ProbeCallback`` on every
+  site, recording the per-block gradient norms once per timed window (every ``window`` steps; the
+  callback's default is 50). Its ``probes_vs_off`` is its time over (b)'s; target <= 1.10.
 - ``c_grouped_S``: ``GroupedClassifier``: S seeds as one grouped network, each model with its own
   data order (``per_model_train_batches``), same fast path as (b).
 
 Reported: ms per step, ms per *model*-step (a step of S models counts S model-steps), seconds per
 epoch of 45k images per model, images per second (all models), peak memory (CUDA: max allocated
-during the run, data and weights included; CPU: peak RSS growth of a forked run) and the speed-up
-of each row over (a) per model-step. Lightning rows are timed with a callback that synchronises
-every ``window`` steps after ``warmup`` steps (which include compilation); (a) by median over
-repeats of ``window`` steps. Images are random uint8 pixels: the step time does not depend on them.
+during the run, data and weights included; CPU: peak resident set of a forked short run above its
+start, see ``harness.peak_memory``) and the speed-up of each row over (a) per model-step. Lightning
+rows are timed with a callback that synchronises every ``window`` steps after ``warmup`` steps
+(which include compilation); (a) by median over repeats of ``window`` steps. Images are random
+uint8 pixels: the step time does not depend on them.
 
 Run: ``.venv/bin/python -m benchmarks.bench_train [--device cuda] [--size paper] [--repeats 7]``.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -38,13 +43,14 @@ from torchvision import transforms
 from benchmarks.harness import default_size, device_name, median_time, peak_memory, record, resolve_device
 from resnet_probe.data import CIFAR_MEAN, CIFAR_STD, CifarDataModule, DataSource
 from resnet_probe.models import build_model
+from resnet_probe.probes.callback import ProbeCallback
 from resnet_probe.train.grouped import GroupedClassifier, per_model_train_batches
 from resnet_probe.train.module import CifarClassifier
 
 EPOCH_IMAGES = 45_000  # training images per epoch in the paper's split
 SIZES = {
     # archs: (family, depth); batch: images per model-step; models: S; steps: warm-up and window.
-    "small": dict(archs=[("residual", 20)], batch=32, models=2, n_images=512, warmup=2, window=2),
+    "small": dict(archs=[("residual", 20)], batch=32, models=2, n_images=512, warmup=3, window=8),
     "paper": dict(archs=[("residual", 56), ("residual", 110), ("highway", 56)], batch=128, models=8,
                   n_images=EPOCH_IMAGES, warmup=30, window=20),
 }
@@ -120,8 +126,9 @@ class _StepClock(pl.Callback):
 
 
 def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | None, device, steps: int,
-         warmup: int, window: int) -> dict:
-    """Train through Lightning for ``warmup + steps`` steps; single model if ``models`` is None."""
+         warmup: int, window: int, probes: bool = False) -> dict:
+    """Train through Lightning for ``warmup + steps`` steps; single model if ``models`` is None; with
+    ``probes``, a ``ProbeCallback`` records the gradient norms every ``window`` steps."""
     cuda = device.type == "cuda"
     total = warmup + steps
     common = dict(family=family, depth=depth, recipe="paper", max_steps=total, compile=cuda, log_every_n_steps=50)
@@ -135,13 +142,15 @@ def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | 
         dm.setup("fit")
         train = per_model_train_batches(dm, seeds)
     clock = _StepClock(warmup, window)
-    trainer = pl.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed" if cuda else "32-true",
-                         max_steps=total, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
-    if train is None:
-        trainer.fit(module, datamodule=dm)
-    else:
-        trainer.fit(module, train_dataloaders=train)
+    with tempfile.TemporaryDirectory(prefix="bench_train_probes_") as tables:
+        callbacks = [clock] + ([ProbeCallback(every_n_steps=window, out_dir=tables)] if probes else [])
+        trainer = pl.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed" if cuda else "32-true",
+                             max_steps=total, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        if train is None:
+            trainer.fit(module, datamodule=dm)
+        else:
+            trainer.fit(module, train_dataloaders=train)
     return clock.result()
 
 
@@ -168,14 +177,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="small (CPU default) or paper (GPU default)")
-    p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 3 small, 7 paper)")
+    p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 5 small, 7 paper)")
     p.add_argument("--models", type=int, default=None, help="S, seeds side by side (default: 2 small, 8 paper)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the baseline (0 CPU, 8 GPU)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     size = args.size or default_size(device)
     cfg = dict(SIZES[size])
-    repeats = args.repeats or (7 if size == "paper" else 3)
+    repeats = args.repeats or (7 if size == "paper" else 5)
     models = args.models or cfg["models"]
     workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
     batch, warmup, window = cfg["batch"], cfg["warmup"], cfg["window"]
@@ -194,17 +203,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         naive_mem = peak_memory(lambda: [short() for _ in range(2)], device)
         rows.append(_row(arch, "a_dataloader_eager", 1, batch, naive, naive_mem))
 
-        for variant, s in (("b_lightning", None), (f"c_grouped_{models}", models)):
-            def run(steps=repeats * window, w=warmup, win=window, s=s):
-                return _fit(source, family, depth, batch, s, device, steps, w, win)
-            timing, mem = _timed_with_memory(run, lambda s=s: run(steps=1, w=1, win=1, s=s), device)
+        variants = (("b_lightning", None, False), ("b_lightning_probes", None, True),
+                    (f"c_grouped_{models}", models, False))
+        for variant, s, probes in variants:
+            def run(steps=repeats * window, w=warmup, win=window, s=s, probes=probes):
+                return _fit(source, family, depth, batch, s, device, steps, w, win, probes)
+            timing, mem = _timed_with_memory(run, lambda run=run: run(steps=1, w=1, win=1), device)
             rows.append(_row(arch, variant, s or 1, batch, timing, mem))
-        base = rows[-3]["ms_per_model_step"]
-        for r in rows[-3:]:
-            r["speedup_vs_a"] = base / r["ms_per_model_step"]
+        arch_rows = rows[-1 - len(variants):]
+        for r in arch_rows:
+            r["speedup_vs_a"] = arch_rows[0]["ms_per_model_step"] / r["ms_per_model_step"]
+        arch_rows[2]["probes_vs_off"] = arch_rows[2]["ms_per_step"] / arch_rows[1]["ms_per_step"]
     config = dict(size=size, repeats=repeats, models=models, batch=batch, warmup_steps=warmup,
                   window_steps=window, baseline_workers=workers, archs=[f"{f}-{d}" for f, d in cfg["archs"]],
-                  compile=device.type == "cuda", precision="bf16-mixed" if device.type == "cuda" else "32-true")
+                  compile=device.type == "cuda", precision="bf16-mixed" if device.type == "cuda" else "32-true",
+                  probes_every_n_steps=window, targets="paper, one H100: ResNet-56 b_lightning <= 6.5 ms, "
+                  "probes_vs_off <= 1.10, ResNet-110 <= 12.5 ms, Highway-56 <= 8.5 ms, c_grouped_8 ResNet-56 "
+                  "<= 2.5 ms per model-step")
     record("train", rows, config=config, device=device)
     return rows
 
