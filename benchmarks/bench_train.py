@@ -210,10 +210,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 return _fit(source, family, depth, batch, s, device, steps, w, win, probes)
             timing, mem = _timed_with_memory(run, lambda run=run: run(steps=1, w=1, win=1), device)
             rows.append(_row(arch, variant, s or 1, batch, timing, mem))
-        arch_rows = rows[-1 - len(variants):]
-        for r in arch_rows:
-            r["speedup_vs_a"] = arch_rows[0]["ms_per_model_step"] / r["ms_per_model_step"]
-        arch_rows[2]["probes_vs_off"] = arch_rows[2]["ms_per_step"] / arch_rows[1]["ms_per_step"]
+        by_variant = {r["variant"]: r for r in rows[-1 - len(variants):]}
+        for r in by_variant.values():
+            r["speedup_vs_a"] = by_variant["a_dataloader_eager"]["ms_per_model_step"] / r["ms_per_model_step"]
+        probed = by_variant["b_lightning_probes"]
+        probed["probes_vs_off"] = probed["ms_per_step"] / by_variant["b_lightning"]["ms_per_step"]
     config = dict(size=size, repeats=repeats, models=models, batch=batch, warmup_steps=warmup,
                   window_steps=window, baseline_workers=workers, archs=[f"{f}-{d}" for f, d in cfg["archs"]],
                   compile=device.type == "cuda", precision="bf16-mixed" if device.type == "cuda" else "32-true",

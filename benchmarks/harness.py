@@ -147,8 +147,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
 
     CUDA: ``max_memory_allocated`` above what was allocated before. CPU: the peak resident set
     of a forked child process that runs ``fn``, above its resident set at the start. Before the
-    start the child returns the heap it inherited freed to the system and resets its peak (Linux),
-    so neither memory this process freed earlier nor its earlier peak hides what ``fn`` needs.
+    start the child returns the heap it inherited freed to the system, maps every later block of
+    128 KiB or more on its own and resets its peak (Linux, glibc), so neither memory this process
+    freed earlier nor its earlier peak hides what ``fn`` needs, nor does the heap's layout add to it.
     """
     device = torch.device(device)
     if device.type == "cuda":
