@@ -150,6 +150,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:
     start the child returns the heap it inherited freed to the system, maps every later block of
     128 KiB or more on its own and resets its peak (Linux, glibc), so neither memory this process
     freed earlier nor its earlier peak hides what ``fn`` needs, nor does the heap's layout add to it.
+    The figure includes the library pages that the child's first use of ``fn``'s code brings in (a
+    few MB, depending on the installation).
     """
     device = torch.device(device)
     if device.type == "cuda":
