@@ -105,13 +105,11 @@ def _child_peak(fn, conn) -> None:
     torch.set_num_threads(1)
     base = _reset_resident_peak()
     if base is None:  # no /proc: the lifetime peak, which an earlier peak of the parent may hide
-        base = _lifetime_peak()
-        fn()
-        peak = _lifetime_peak()
+        base, peak = _lifetime_peak(), _lifetime_peak
     else:
-        fn()
-        peak = _proc_status_bytes("VmHWM")
-    conn.send(peak - base)
+        peak = lambda: _proc_status_bytes("VmHWM")  # noqa: E731
+    fn()
+    conn.send(peak() - base)
     conn.close()
 
 

@@ -34,9 +34,9 @@ def test_a_non_default_size_is_recorded_beside_the_default_run(tmp_path):
 # count nothing for a function that allocates nothing.
 _FREED_HEAP = """
 import ctypes, torch
-from benchmarks.harness import peak_memory
+from benchmarks.harness import M_MMAP_THRESHOLD, peak_memory
 libc = ctypes.CDLL(None)
-libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MB come from the heap
+libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)  # blocks of 1 MB come from the heap
 libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: the heap keeps what is freed
 held = [torch.ones(2**18) for _ in range(128)]
 del held
