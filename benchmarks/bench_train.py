@@ -5,11 +5,14 @@ Rows, per architecture, all measured in the same run on the same device:
 - ``a_dataloader_eager``: the usual CIFAR script: a torch DataLoader over HWC uint8 images with
   per-image PIL transforms (pad-4 random crop, flip, ToTensor, Normalize), fp32 eager model, SGD.
 - ``b_lightning``: ``CifarClassifier`` + ``CifarDataModule`` through a Lightning Trainer; on a GPU
-  the data is resident there, bf16 autocast, channels_last and ``torch.compile``; on a CPU the
-  module's own CPU path (fp32 eager, CPU-resident batches).
+  the data is resident there, bf16 autocast, channels_last and ``torch.compile`` (``--compile-mode``,
+  by default ``reduce-overhead``: CUDA graphs); on a CPU the module's own CPU path (fp32 eager,
+  CPU-resident batches).
 - ``b_lightning_probes``: (b) with the probes on, as a study attaches them: ``ProbeCallback`` on every
-  site, recording the per-block gradient norms once per timed window (every ``window`` steps; the
-  callback's default is 50). Its ``probes_vs_off`` is its time over (b)'s; target <= 1.10.
+  site, recording the per-block gradient norms every ``probe_every`` steps (paper size: 50, the
+  callback's default), which is also its timed window, so every window holds exactly one recording
+  step (run eagerly, with the hooks; the others run the compiled network). Its ``probes_vs_off`` is
+  its time over (b)'s; target <= 1.10.
 - ``c_grouped_S``: ``GroupedClassifier``: S seeds as one grouped network, each model with its own
   data order (``per_model_train_batches``), same fast path as (b).
 
@@ -21,7 +24,8 @@ rows are timed with a callback that synchronises every ``window`` steps after ``
 (which include compilation); (a) by median over repeats of ``window`` steps. Images are random
 uint8 pixels: the step time does not depend on them.
 
-Run: ``.venv/bin/python -m benchmarks.bench_train [--device cuda] [--size paper] [--repeats 7]``.
+Run: ``.venv/bin/python -m benchmarks.bench_train [--device cuda] [--size paper] [--repeats 7]
+[--compile-mode default]``.
 """
 from __future__ import annotations
 
@@ -44,15 +48,17 @@ from benchmarks.harness import default_size, device_name, median_time, peak_memo
 from resnet_probe.data import CIFAR_MEAN, CIFAR_STD, CifarDataModule, DataSource
 from resnet_probe.models import build_model
 from resnet_probe.probes.callback import ProbeCallback
+from resnet_probe.train.base import COMPILE_MODES
 from resnet_probe.train.grouped import GroupedClassifier, per_model_train_batches
 from resnet_probe.train.module import CifarClassifier
 
 EPOCH_IMAGES = 45_000  # training images per epoch in the paper's split
 SIZES = {
-    # archs: (family, depth); batch: images per model-step; models: S; steps: warm-up and window.
-    "small": dict(archs=[("residual", 20)], batch=32, models=2, n_images=512, warmup=3, window=8),
+    # archs: (family, depth); batch: images per model-step; models: S; steps: warm-up and window;
+    # probe_every: steps between gradient records in the probes row (also that row's window).
+    "small": dict(archs=[("residual", 20)], batch=32, models=2, n_images=512, warmup=3, window=8, probe_every=8),
     "paper": dict(archs=[("residual", 56), ("residual", 110), ("highway", 56)], batch=128, models=8,
-                  n_images=EPOCH_IMAGES, warmup=30, window=20),
+                  n_images=EPOCH_IMAGES, warmup=30, window=20, probe_every=50),
 }
 
 
@@ -126,12 +132,13 @@ class _StepClock(pl.Callback):
 
 
 def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | None, device, steps: int,
-         warmup: int, window: int, probes: bool = False) -> dict:
+         warmup: int, window: int, probes: bool = False, compile_mode: str = "reduce-overhead") -> dict:
     """Train through Lightning for ``warmup + steps`` steps; single model if ``models`` is None; with
     ``probes``, a ``ProbeCallback`` records the gradient norms every ``window`` steps."""
     cuda = device.type == "cuda"
     total = warmup + steps
-    common = dict(family=family, depth=depth, recipe="paper", max_steps=total, compile=cuda, log_every_n_steps=50)
+    common = dict(family=family, depth=depth, recipe="paper", max_steps=total, compile=cuda,
+                  compile_mode=compile_mode, log_every_n_steps=50)
     dm = CifarDataModule.from_source(source, batch_size=batch, val_size=128, drop_last=True,
                                      gpu_resident=True if cuda else False)
     if models is None:
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 5 small, 7 paper)")
     p.add_argument("--models", type=int, default=None, help="S, seeds side by side (default: 2 small, 8 paper)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the baseline (0 CPU, 8 GPU)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=COMPILE_MODES[0],
+                   help="torch.compile mode of the Lightning rows on CUDA (default: %(default)s, CUDA graphs)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     size = args.size or default_size(device)
@@ -206,8 +215,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         variants = (("b_lightning", None, False), ("b_lightning_probes", None, True),
                     (f"c_grouped_{models}", models, False))
         for variant, s, probes in variants:
-            def run(steps=repeats * window, w=warmup, win=window, s=s, probes=probes):
-                return _fit(source, family, depth, batch, s, device, steps, w, win, probes)
+            win = cfg["probe_every"] if probes else window
+
+            def run(steps=repeats * win, w=warmup, win=win, s=s, probes=probes):
+                return _fit(source, family, depth, batch, s, device, steps, w, win, probes, args.compile_mode)
             timing, mem = _timed_with_memory(run, lambda run=run: run(steps=1, w=1, win=1), device)
             rows.append(_row(arch, variant, s or 1, batch, timing, mem))
         by_variant = {r["variant"]: r for r in rows[-1 - len(variants):]}
@@ -217,8 +228,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         probed["probes_vs_off"] = probed["ms_per_step"] / by_variant["b_lightning"]["ms_per_step"]
     config = dict(size=size, repeats=repeats, models=models, batch=batch, warmup_steps=warmup,
                   window_steps=window, baseline_workers=workers, archs=[f"{f}-{d}" for f, d in cfg["archs"]],
-                  compile=device.type == "cuda", precision="bf16-mixed" if device.type == "cuda" else "32-true",
-                  probes_every_n_steps=window, targets="paper, one H100: ResNet-56 b_lightning <= 6.5 ms, "
+                  compile=device.type == "cuda", compile_mode=args.compile_mode, precision="bf16-mixed" if device.type == "cuda" else "32-true",
+                  probes_every_n_steps=cfg["probe_every"], targets="paper, one H100: ResNet-56 b_lightning <= 6.5 ms, "
                   "probes_vs_off <= 1.10, ResNet-110 <= 12.5 ms, Highway-56 <= 8.5 ms, c_grouped_8 ResNet-56 "
                   "<= 2.5 ms per model-step")
     record("train", rows, config=config, device=device)

@@ -376,6 +376,49 @@ def test_close_is_idempotent_and_a_dropped_session_removes_its_hooks():
     assert session.closed and _hooks(model) == 0
 
 
+def _grad_hooks(model: nn.Module) -> int:
+    return sum(len(b.module._forward_hooks) for b in anatomy(model).blocks)
+
+
+def test_a_disarmed_probe_has_no_hooks_and_records_only_while_armed():
+    """Passes while disarmed leave no trace: the results equal those of sessions open only for the
+    armed passes."""
+    torch.manual_seed(2)
+    model = build_model("residual", 8)
+    x = torch.randn(4, 3, 32, 32)
+    keys = ["site", "kind", "metric"]
+    session = probe(model, metrics=("response", "gradient"))
+    both = _hooks(model)
+    session.arm(response=False, gradient=False)
+    assert _hooks(model) == 0 and session.armed == {"response": False, "gradient": False}
+    model(x).sum().backward()  # not recorded
+    session.arm(gradient=True)
+    assert 0 < _hooks(model) == _grad_hooks(model) < both and session.armed["gradient"]
+    model.zero_grad()
+    model(x).sum().backward()
+    session.record_gradients()
+    session.arm(response=True, gradient=False)
+    with torch.no_grad():
+        model(x[:3])
+    session.arm(response=False)
+    assert _hooks(model) == 0
+    table = session.table().set_index(keys)["value"].sort_index()
+
+    with probe(model, metrics="gradient") as gradients:
+        model.zero_grad()
+        model(x).sum().backward()
+        gradients.record_gradients()
+    with torch.no_grad(), probe(model) as responses:
+        model(x[:3])
+    fresh = pd.concat([responses.table(), gradients.table()]).set_index(keys)["value"].sort_index()
+    pd.testing.assert_series_equal(table, fresh)
+    session.close()
+    assert session.armed == {"response": False, "gradient": False}
+    with pytest.raises(RuntimeError, match="closed"):
+        session.arm(response=True)
+    assert _hooks(model) == 0
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_a_model_compiled_after_the_probe_is_attached_records_the_eager_values(one_thread):
     """Hooks excluded from compilation: the same statistics (gates included) as an uncompiled run."""

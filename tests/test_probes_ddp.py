@@ -170,9 +170,11 @@ def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(t
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_setup(tmp_path, one_thread, device):
     """``CifarClassifier(compile=True)`` compiles its network in place in ``on_fit_start`` (on CUDA; the CPU
-    case does the same by hand). Gradient norms (compiled steps) and validation responses (run eagerly)
-    equal those of an eager run, in float64."""
+    case does the same by hand). Gradient norms (steps 0 and 2, run eagerly) and validation responses
+    equal those of an eager run, in float64; step 1 runs the compiled network, traced without hooks:
+    one graph, no break."""
     import pytorch_lightning as pl
+    from torch._dynamo.utils import counters
 
     from resnet_probe.data import CifarDataModule, make_synthetic
     from resnet_probe.probes.callback import ProbeCallback
@@ -186,7 +188,7 @@ def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_
 
     tables = {}
     for name in ("eager", "compiled"):
-        dm = CifarDataModule.from_source(make_synthetic(n_train=48, n_test=8, seed=0), val_size=16, batch_size=16,
+        dm = CifarDataModule.from_source(make_synthetic(n_train=64, n_test=8, seed=0), val_size=16, batch_size=16,
                                          eval_batch_size=16, augment=False, seed=0)
         cls = CifarClassifier if name == "eager" else CompiledInFitStart
         module = cls(family="residual", depth=8, recipe="fast", epochs=1, seed=0,
@@ -194,15 +196,19 @@ def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_
         trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, precision="64-true",  # compiled kernels round like eager ones
-                             callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=1, out_dir=tmp_path / name)])
+                             callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=2, out_dir=tmp_path / name)])
+        torch._dynamo.reset()
+        counters.clear()
         trainer.fit(module, datamodule=dm)
         assert (getattr(module.model, "_compiled_call_impl", None) is not None) == (name == "compiled")
+        if name == "compiled":
+            assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
         tables[name] = {t: pd.read_csv(tmp_path / name / f"probe_{t}.csv").set_index(["site", "metric", "step"])
                         ["value"].sort_index() for t in ("gradients", "responses")}
     for t in ("gradients", "responses"):
         assert len(tables["eager"][t]) > 0
         pd.testing.assert_series_equal(tables["compiled"][t], tables["eager"][t], rtol=1e-9 if device == "cpu" else 1e-7)
-    assert set(tables["eager"]["gradients"].index.get_level_values("step")) == {0, 1}
+    assert set(tables["eager"]["gradients"].index.get_level_values("step")) == {0, 2}
 
 
 def test_probe_callback_refuses_a_compiled_model_and_detaches_on_exception():
@@ -211,11 +217,13 @@ def test_probe_callback_refuses_a_compiled_model_and_detaches_on_exception():
 
     module = CifarClassifier(family="plain", depth=8, recipe="fast", epochs=1)
     callback = ProbeCallback(every_n_epochs=1, every_n_steps=1)
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())  # noqa: E731
     callback.setup(None, module, "fit")
-    hooked = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())
-    assert hooked > 0
+    assert hooks() == 0  # disarmed until a step or an epoch records
+    callback.session.arm(response=True, gradient=True)
+    assert hooks() > 0
     callback.on_exception(None, module, KeyboardInterrupt())
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules()) == 0
+    assert hooks() == 0
 
     module.model.compile()  # in place, as CifarClassifier(compile=True) does on CUDA
     with pytest.raises(RuntimeError, match="attach probes before torch.compile"):

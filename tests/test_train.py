@@ -162,6 +162,34 @@ def test_unknown_recipe_names_the_valid_ones():
         CifarClassifier(recipe="adam")
 
 
+@pytest.mark.parametrize("options,compiled_with", [({}, {"mode": "reduce-overhead"}),
+                                                   ({"compile_mode": "default"}, {"mode": "default"}),
+                                                   ({"compile": False}, None)])
+def test_on_cuda_the_network_is_compiled_unless_told_not_to_in_the_mode_given(monkeypatch, options, compiled_with):
+    """What ``_prepare_device`` does when the Trainer has put the module on a GPU (the device is set by
+    hand here; ``torch.compile`` is recorded, not run): channels_last, then compile in the mode given."""
+    from resnet_probe.train.grouped import GroupedClassifier
+
+    for module in (CifarClassifier(depth=8, **options), GroupedClassifier(depth=8, seeds=[0, 1], **options)):
+        calls = []
+        monkeypatch.setattr(module.model, "compile", lambda **kw: calls.append(kw))
+        module._device = torch.device("cuda", 0)  # what the Trainer sets when it moves the module to a GPU
+        module._prepare_device()
+        module._prepare_device()  # once per device type
+        assert calls == ([compiled_with] if compiled_with else [])
+        assert module.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_unknown_compile_mode_names_the_valid_ones():
+    from resnet_probe.train.grouped import GroupedClassifier
+
+    with pytest.raises(ValueError, match="valid modes: reduce-overhead, default, max-autotune, "
+                                         "max-autotune-no-cudagraphs"):
+        CifarClassifier(compile_mode="fast")
+    with pytest.raises(ValueError, match="unknown compile_mode 'graphs'; valid modes: reduce-overhead"):
+        GroupedClassifier(depth=8, seeds=[0, 1], compile_mode="graphs")
+
+
 class _RecordLR(Callback):
     def __init__(self):
         self.lrs = []
@@ -318,7 +346,13 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fast_path_bf16_channels_last_compiled():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     model, metrics = train_quick("residual", 20, data=tiny_data(), epochs=1, compile=True)
     first_conv = model.model.stem.conv.weight
     assert first_conv.is_contiguous(memory_format=torch.channels_last)
     assert metrics["steps"] == 8 and metrics["val_loss"] == metrics["val_loss"]  # finite, not NaN
+    assert model.hparams.compile_mode == "reduce-overhead"
+    assert counters["stats"]["calls_captured"] > 0 and not counters["graph_break"]
+    assert not counters["inductor"]["cudagraph_skips"]  # every compiled graph ran as a CUDA graph

@@ -18,12 +18,14 @@ seeds side by side) every row is one model's, and its ``seed`` column is that mo
 Under DDP the validation sampler may repeat a few examples to give every rank the same number; use
 a validation set whose size divides evenly for exact single-process equality.
 
-Compiled networks: the session is attached in ``setup``, before ``CifarClassifier(compile=True)``
-compiles its network in place (``on_fit_start``, CUDA). Gradient norms are read from ``.grad`` and
-from tensor hooks that compiled code still calls, so they equal the eager values. Each validation
-epoch that records response statistics runs the network eagerly (its compiled call set aside until
-the epoch ends) rather than as compiled code broken at every probed module; other epochs and all
-training steps stay compiled. A network already compiled when the session is attached is refused.
+Hooks and compiled networks: the session is opened in ``setup`` and disarmed at once, so the
+network carries probe hooks only while it records: during each optimisation step that records
+gradient norms and each validation epoch that records responses. Those steps and epochs run the
+network eagerly; a network compiled in place after ``setup`` (``CifarClassifier(compile=True)``
+does so in ``on_fit_start`` on CUDA) has its compiled call set aside until they end. Every other
+step and epoch runs the compiled network as traced without hooks: one graph, with no break at the
+probed modules, which CUDA graphs can capture whole. The recorded values are the eager values. A
+network already compiled when the session is opened is refused.
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ class ProbeCallback(pl.Callback):
 
     # -- compiled networks ----------------------------------------------------------------------
     def _run_eagerly(self, pl_module: pl.LightningModule) -> None:
-        """Run the network eagerly until ``_resume_compiled`` (no graph break at every response site).
+        """Run the network eagerly, with the probe hooks, until ``_resume_compiled``.
 
         A network compiled in place after ``setup`` (``CifarClassifier(compile=True)`` does so in
         ``on_fit_start`` on CUDA) has its compiled call set aside; any other compiled module is refused.
@@ -145,8 +147,8 @@ class ProbeCallback(pl.Callback):
         if not self._recording_val:
             return
         self._recording_val = False
-        self._resume_compiled()
         self.session.arm(response=False)
+        self._resume_compiled()
         self.session.all_reduce(metrics=("response",))
         self.session.check_finite()
         rows = self.session.response.rows()
@@ -158,13 +160,15 @@ class ProbeCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if self.session is None or self.session.gradient is None:
             return
-        self.session.arm(gradient=trainer.global_step % self.every_n_steps == 0)
+        if trainer.global_step % self.every_n_steps == 0:
+            self._run_eagerly(pl_module)
+            self.session.arm(gradient=True)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        g = None if self.session is None else self.session.gradient
-        if g is not None and g.armed:
+        if self.session is not None and self.session.armed.get("gradient"):
             self.session.record_gradients(step=trainer.global_step)
             self.session.arm(gradient=False)
+            self._resume_compiled()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         g = None if self.session is None else self.session.gradient

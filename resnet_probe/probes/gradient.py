@@ -48,7 +48,6 @@ class GradientProbe:
         self.param_first = [watch.register(f"{b.name} (parameter gradient)") for b in self.blocks][0]  # consecutive
         self.act_index = [watch.register(f"{b.name}.out (activation gradient)") for b in self.blocks]
         self.active = True
-        self.armed = True
         self._act: torch.Tensor | None = None
         self.history: list[tuple[int, torch.Tensor]] = []
         self._steps = 0
@@ -57,7 +56,7 @@ class GradientProbe:
         return [(b.module, "forward", partial(self._on_output, i)) for i, b in enumerate(self.blocks)]
 
     def _on_output(self, i: int, module, args, output) -> None:
-        if (self.active and self.armed and isinstance(output, torch.Tensor)
+        if (self.active and isinstance(output, torch.Tensor)
                 and output.requires_grad and torch.is_grad_enabled()):
             output.register_hook(partial(self._on_grad, i))
 

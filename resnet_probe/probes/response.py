@@ -59,7 +59,6 @@ class ResponseProbe:
         self.watch_first = [watch.register(s.name) for s in self.sites][0]  # sites are registered consecutively
         self.watch = watch
         self.active = True
-        self.armed = True
         self._pending: dict[int, torch.Tensor] = {}
         self._memo: tuple | None = None
         self._scratch: dict = {}
@@ -100,7 +99,7 @@ class ResponseProbe:
         measured_shortcuts = [id(s.block.module) for s in sites if s.kind == "shortcut"]
 
         def hook(module, args, output):
-            if self.active and self.armed:
+            if self.active:
                 self.record(sites, output)
                 for key in measured_shortcuts:  # S(x) came from its own module: no fallback needed
                     self._pending.pop(key, None)
@@ -108,7 +107,7 @@ class ResponseProbe:
 
     def _pre_hook(self, identity: list[Site], stash: list[Site]):
         def hook(module, args):
-            if self.active and self.armed and args:
+            if self.active and args:
                 if identity:
                     self.record(identity, args[0])
                 if stash:
@@ -118,7 +117,7 @@ class ResponseProbe:
     def _fallback_hook(self, site: Site):
         def hook(module, args, output):
             x = self._pending.pop(id(module), None)
-            if x is not None and self.active and self.armed:
+            if x is not None and self.active:
                 with torch.no_grad():
                     site.module(x)  # its own forward hook records S(x)
         return hook

@@ -53,6 +53,11 @@ def _remove(handles: list) -> None:
         handles.pop().remove()
 
 
+def _remove_all(hooks: dict[str, list]) -> None:
+    for handles in hooks.values():
+        _remove(handles)
+
+
 class ProbeSession:
     """Hooks measuring a model, and what they recorded. Build it with ``probe``."""
 
@@ -77,24 +82,28 @@ class ProbeSession:
         self.gradient = GradientProbe(blocks, self.watch, num_models) if "gradient" in metrics else None
         self.sites = [s.name for s in chosen]
         self._warned: set[str] = set()
-        self._handles: list = []
-        self._finalizer = weakref.finalize(self, _remove, self._handles)
-        self._attach()
-
-    def _attach(self) -> None:
-        plan = []
-        for part in (self.response, self.gradient):
-            if part is not None:
-                plan += part.hooks()
+        self._parts = {name: part for name, part in (("response", self.response), ("gradient", self.gradient))
+                       if part is not None}
+        self._hooks: dict[str, list] = {name: [] for name in self._parts}  # per measured metric
+        self._armed = dict.fromkeys(self._parts, False)
+        self._finalizer = weakref.finalize(self, _remove_all, self._hooks)
         try:
-            for module, kind, fn in plan:
-                if kind == "pre":
-                    self._handles.append(module.register_forward_pre_hook(fn))
-                else:
-                    self._handles.append(module.register_forward_hook(fn))
+            for name in self._parts:
+                self._attach(name)
         except BaseException:
             self.close()
             raise
+
+    def _attach(self, metric: str) -> None:
+        handles = self._hooks[metric]
+        try:
+            for module, kind, fn in self._parts[metric].hooks():
+                register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+                handles.append(register(fn))
+        except BaseException:
+            _remove(handles)
+            raise
+        self._armed[metric] = True
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -126,11 +135,31 @@ class ProbeSession:
         self.gradient.record(step)
 
     def arm(self, response: bool | None = None, gradient: bool | None = None) -> None:
-        """Turn recording of responses / activation gradients on or off without removing hooks."""
-        if response is not None and self.response is not None:
-            self.response.armed = response
-        if gradient is not None and self.gradient is not None:
-            self.gradient.armed = gradient
+        """Attach (``True``) or remove (``False``) the hooks of the response / gradient probe; results stay.
+
+        A disarmed probe has no hook on the model: it adds nothing to a forward pass, and a network
+        compiled while it is disarmed is traced without it. Arm and disarm while the network runs
+        eagerly, since compiled code keeps the hooks it was traced with (``ProbeCallback`` sets the
+        compiled call aside for every step and epoch it records). ``None`` leaves a probe as it is.
+
+        Raises:
+            RuntimeError: arming a closed session.
+        """
+        for metric, on in (("response", response), ("gradient", gradient)):
+            if on is None or metric not in self._parts or on == self._armed[metric]:
+                continue
+            if on:
+                if self.closed:
+                    raise RuntimeError("this probe session is closed")
+                self._attach(metric)
+            else:
+                _remove(self._hooks[metric])
+                self._armed[metric] = False
+
+    @property
+    def armed(self) -> dict[str, bool]:
+        """``{metric: hooks attached}`` for each metric this session measures."""
+        return {metric: on and not self.closed for metric, on in self._armed.items()}
 
     def reset(self) -> None:
         """Forget everything recorded so far (hooks stay attached)."""

@@ -7,7 +7,9 @@ their network and in how a batch becomes per-model losses. Everything else lives
   ``on_train_start`` gives the schedule the Trainer's length (read there, not in
   ``configure_optimizers``, because asking Lightning for it earlier makes a resumed run skip
   restoring its stateful loader);
-- on CUDA: channels_last and optional ``torch.compile``, once per device type;
+- on CUDA: channels_last and, unless ``compile=False``, ``torch.compile`` (by default in mode
+  ``reduce-overhead``: CUDA graphs, which a small CIFAR net needs, its step being bound by kernel
+  launches), once per device type;
 - metrics: per model, the (loss sum, errors) pair of each stage is summed on the device, a tensor of
   shape ``(S, 2)``. The host reads the running training window every ``log_every_n_steps`` steps
   (logging it and feeding the paper warm-up, which ends when every model's training error is
@@ -24,19 +26,25 @@ from pytorch_lightning.utilities import rank_zero_warn
 from .recipes import PaperSchedule, build_optimization, training_length
 
 STAGES = ("train", "val", "test")
+# torch.compile modes; "reduce-overhead" runs the compiled network through CUDA graphs
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_training_args(recipe: str, epochs: int | None, max_steps: int | None, log_every_n_steps: int) -> None:
-    """Raise ``ValueError`` for an unknown recipe, a bad training length or a bad logging interval."""
+def check_training_args(recipe: str, epochs: int | None, max_steps: int | None, log_every_n_steps: int,
+                        compile_mode: str = "reduce-overhead") -> None:
+    """Raise ``ValueError`` for an unknown recipe, a bad training length, a bad logging interval or an
+    unknown ``torch.compile`` mode."""
     training_length(recipe, epochs, max_steps)  # checks the recipe too
     if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
         raise ValueError(f"log_every_n_steps must be a positive integer; got {log_every_n_steps!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile_mode {compile_mode!r}; valid modes: {', '.join(COMPILE_MODES)}")
 
 
 class RecipeModule(pl.LightningModule):
     """Base of the training modules: subclasses set ``self.model``, save their hyperparameters
     (``recipe``, ``lr``, ``momentum``, ``weight_decay``, ``nesterov``, ``epochs``, ``max_steps``,
-    ``warmup``, ``warmup_lr``, ``warmup_until_error``, ``depth``, ``compile``,
+    ``warmup``, ``warmup_lr``, ``warmup_until_error``, ``depth``, ``compile``, ``compile_mode``,
     ``log_every_n_steps``), and implement ``_step(batch, stage)``, which calls ``_record``."""
 
     def __init__(self):
@@ -57,7 +65,7 @@ class RecipeModule(pl.LightningModule):
     # ---- the device ------------------------------------------------------------------------------
 
     def _prepare_device(self) -> None:
-        """channels_last and optional compile, once per device type, on CUDA only."""
+        """channels_last and (unless ``compile=False``) compile, once per device type, on CUDA only."""
         if self._prepared_for == self.device.type:
             return
         self._prepared_for = self.device.type
@@ -66,8 +74,8 @@ class RecipeModule(pl.LightningModule):
                 rank_zero_warn("compile=True is ignored off CUDA; the network runs eagerly")
             return
         self.model.to(memory_format=torch.channels_last)
-        if self.hparams.compile:
-            self.model.compile()  # compiles in place: state_dict keys and pl_module.model stay the same
+        if self.hparams.compile is not False:  # in place: state_dict keys and pl_module.model stay the same
+            self.model.compile(mode=self.hparams.compile_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's logits (``GroupedClassifier``: ``(S, N, classes)``)."""

@@ -114,7 +114,10 @@ class GroupedClassifier(RecipeModule):
             per-model data order (``False``; see the module docstring for the batch layout).
         recipe, lr, momentum, weight_decay, nesterov, epochs, max_steps, warmup, warmup_lr,
             warmup_until_error: the training recipe, as ``CifarClassifier``.
-        compile: compile the network with ``torch.compile`` on CUDA (ignored on CPU).
+        compile: compile the network with ``torch.compile`` on CUDA; ``None`` (the default) = yes there.
+            Off CUDA the network runs eagerly (``True`` there warns).
+        compile_mode: its ``torch.compile`` mode: ``reduce-overhead`` (CUDA graphs; the default),
+            ``default``, ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         log_every_n_steps: optimizer steps between host reads of the running training metrics.
     """
 
@@ -124,9 +127,10 @@ class GroupedClassifier(RecipeModule):
                  momentum: float | None = None, weight_decay: float | None = None,
                  nesterov: bool | None = None, epochs: int | None = None, max_steps: int | None = None,
                  warmup: bool | None = None, warmup_lr: float = 0.01, warmup_until_error: float = 0.8,
-                 compile: bool = False, log_every_n_steps: int = 50):
+                 compile: bool | None = None, compile_mode: str = "reduce-overhead",
+                 log_every_n_steps: int = 50):
         super().__init__()
-        check_training_args(recipe, epochs, max_steps, log_every_n_steps)
+        check_training_args(recipe, epochs, max_steps, log_every_n_steps, compile_mode)
         seeds = list(seeds)  # saved as a list (save_hyperparameters reads the local variables)
         self.save_hyperparameters()
         self.model = GroupedCifarNet(family, depth, option, width, gate_bias, num_classes, seeds=seeds)

@@ -12,8 +12,9 @@ batches, in training mode), ``val_loss``, ``val_error`` and in ``test`` ``test_l
 ``test_error``; every ``log_every_n_steps`` steps also ``train_loss_step`` / ``train_error_step``
 (means over those steps) and ``lr``.
 
-On CUDA the network runs channels_last and, with ``compile=True``, through ``torch.compile``; bf16
-autocast comes from the Trainer (``precision="bf16-mixed"``). None of it is touched on a CPU.
+On CUDA the network runs channels_last and, unless ``compile=False``, through ``torch.compile`` (CUDA
+graphs by default; see ``compile_mode``); bf16 autocast comes from the Trainer
+(``precision="bf16-mixed"``). None of it is touched on a CPU.
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ class CifarClassifier(RecipeModule):
         warmup_lr: warm-up learning rate (0.01).
         warmup_until_error: training error (fraction) that ends the warm-up (0.8).
         seed: seed of the weight initialisation.
-        compile: compile the network with ``torch.compile`` on CUDA (ignored on CPU).
+        compile: compile the network with ``torch.compile`` on CUDA; ``None`` (the default) = yes there.
+            Off CUDA the network runs eagerly (``True`` there warns).
+        compile_mode: its ``torch.compile`` mode: ``reduce-overhead`` (CUDA graphs; the default),
+            ``default``, ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         log_every_n_steps: optimizer steps between host reads of the running training metrics
             (logging and the warm-up check).
     """
@@ -58,9 +62,10 @@ class CifarClassifier(RecipeModule):
                  lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None,
                  nesterov: bool | None = None, epochs: int | None = None, max_steps: int | None = None,
                  warmup: bool | None = None, warmup_lr: float = 0.01, warmup_until_error: float = 0.8,
-                 seed: int = 0, compile: bool = False, log_every_n_steps: int = 50):
+                 seed: int = 0, compile: bool | None = None, compile_mode: str = "reduce-overhead",
+                 log_every_n_steps: int = 50):
         super().__init__()
-        check_training_args(recipe, epochs, max_steps, log_every_n_steps)
+        check_training_args(recipe, epochs, max_steps, log_every_n_steps, compile_mode)
         self.save_hyperparameters()
         self.model = seeded_model(seed, family=family, depth=depth, option=option, width=width,
                                   gate_bias=gate_bias, num_classes=num_classes)
