@@ -184,7 +184,7 @@ def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_
         def on_fit_start(self):
             super().on_fit_start()
             if not self.hparams.compile:  # the CPU case: CifarClassifier compiles on CUDA only
-                self.model.compile()
+                self.model.compile(mode=self.hparams.compile_mode)  # reduce-overhead: no CUDA graphs on a CPU
 
     tables = {}
     for name in ("eager", "compiled"):
