@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         probed["probes_vs_off"] = probed["ms_per_step"] / by_variant["b_lightning"]["ms_per_step"]
     config = dict(size=size, repeats=repeats, models=models, batch=batch, warmup_steps=warmup,
                   window_steps=window, baseline_workers=workers, archs=[f"{f}-{d}" for f, d in cfg["archs"]],
-                  compile=device.type == "cuda", compile_mode=args.compile_mode, precision="bf16-mixed" if device.type == "cuda" else "32-true",
+                  compile=device.type == "cuda", compile_mode=args.compile_mode,
+                  precision="bf16-mixed" if device.type == "cuda" else "32-true",
                   probes_every_n_steps=cfg["probe_every"], targets="paper, one H100: ResNet-56 b_lightning <= 6.5 ms, "
                   "probes_vs_off <= 1.10, ResNet-110 <= 12.5 ms, Highway-56 <= 8.5 ms, c_grouped_8 ResNet-56 "
                   "<= 2.5 ms per model-step")

@@ -416,6 +416,11 @@ def test_a_disarmed_probe_has_no_hooks_and_records_only_while_armed():
     assert session.armed == {"response": False, "gradient": False}
     with pytest.raises(RuntimeError, match="closed"):
         session.arm(response=True)
+    armed = probe(model)
+    armed.close()  # closed while armed
+    assert armed.armed == {"response": False}
+    with pytest.raises(RuntimeError, match="closed"):
+        armed.arm(response=True)
     assert _hooks(model) == 0
 
 

@@ -7,7 +7,7 @@
 A session registers exactly its own hooks when it is created and removes exactly those when it is
 closed (``close()``, leaving the ``with`` block -- also on an exception or KeyboardInterrupt -- or
 when the session object is garbage-collected), so sessions nest and re-running a notebook cell
-never stacks hooks. Attaching is all-or-nothing. Probing never changes a model's outputs.
+never stacks hooks. ``arm`` removes and re-attaches one probe's hooks between recordings. Attaching is all-or-nothing. Probing never changes a model's outputs.
 """
 from __future__ import annotations
 
@@ -113,6 +113,7 @@ class ProbeSession:
         if self.gradient is not None:
             self.gradient.active = False
         self._finalizer()
+        self._armed = dict.fromkeys(self._armed, False)
 
     @property
     def closed(self) -> bool:
@@ -159,10 +160,10 @@ class ProbeSession:
     @property
     def armed(self) -> dict[str, bool]:
         """``{metric: hooks attached}`` for each metric this session measures."""
-        return {metric: on and not self.closed for metric, on in self._armed.items()}
+        return dict(self._armed)
 
     def reset(self) -> None:
-        """Forget everything recorded so far (hooks stay attached)."""
+        """Forget everything recorded so far (the hooks stay as they are)."""
         for part in (self.response, self.gradient):
             if part is not None:
                 part.reset()
