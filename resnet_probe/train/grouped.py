@@ -163,7 +163,7 @@ class GroupedClassifier(RecipeModule):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = self._grouped_batch(batch, per_model=stage == "train" and not self.hparams.shared_batches)
-        logits = self.model.forward_grouped(x)
+        logits = self(x)  # through the network's __call__, so its compiled call (on CUDA) runs
         losses = grouped_cross_entropy(logits, y)
         self._record(stage, losses, (logits.argmax(dim=2) != y).sum(dim=1), y.shape[1])
         return losses.sum()
