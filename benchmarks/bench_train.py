@@ -132,7 +132,7 @@ class _StepClock(pl.Callback):
 
 
 def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | None, device, steps: int,
-         warmup: int, window: int, probes: bool = False, compile_mode: str = "reduce-overhead") -> dict:
+         warmup: int, window: int, probes: bool, compile_mode: str) -> dict:
     """Train through Lightning for ``warmup + steps`` steps; single model if ``models`` is None; with
     ``probes``, a ``ProbeCallback`` records the gradient norms every ``window`` steps."""
     cuda = device.type == "cuda"

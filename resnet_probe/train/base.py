@@ -31,7 +31,7 @@ COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-
 
 
 def check_training_args(recipe: str, epochs: int | None, max_steps: int | None, log_every_n_steps: int,
-                        compile_mode: str = "reduce-overhead") -> None:
+                        compile_mode: str) -> None:
     """Raise ``ValueError`` for an unknown recipe, a bad training length, a bad logging interval or an
     unknown ``torch.compile`` mode."""
     training_length(recipe, epochs, max_steps)  # checks the recipe too
