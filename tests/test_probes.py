@@ -292,6 +292,46 @@ def test_activation_gradient_norm_of_a_large_float32_batch_matches_float64():
     model.zero_grad(set_to_none=True)
 
 
+def test_a_nested_gradient_session_reads_the_taken_taps_by_hooks_and_agrees_with_them():
+    """The outer session holds every block's gradient tap; a session opened inside it reads the same
+    gradients by hooks. Both give the same sums, also when the tap is closed before ``record``."""
+    torch.manual_seed(11)
+    model = build_model("highway", 8).train()
+    x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
+    blocks = len(anatomy(model).blocks)
+    with probe(model, metrics="gradient") as outer:
+        with probe(model, metrics="gradient") as inner:
+            assert outer.gradient.tapped == [True] * blocks and inner.gradient.tapped == [False] * blocks
+            assert _hooks(model) == blocks and _taps(model) == blocks
+            for _ in range(2):  # two backward passes add up
+                F.cross_entropy(model(x), y).backward()
+            outer.arm(gradient=False)  # closes the taps; what they measured waits for record
+            assert _taps(model) == 0
+            outer.record_gradients()
+            inner.record_gradients()
+        assert _hooks(model) == 0
+    keys = ["site", "metric"]
+    a, b = (s.table().set_index(keys)["value"].sort_index() for s in (outer, inner))
+    pd.testing.assert_series_equal(a, b, rtol=0, atol=0)
+    assert (a.xs("activation_grad_norm", level="metric") > 0).all()
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["residual", "resnet18"])
+def test_the_first_nonfinite_gradient_is_the_last_block_output(name, torchvision_models):
+    """Backward reaches the last block first: taps and hooks both report that block's output."""
+    model = (torchvision_models[name] if name in torchvision_models else build_model(name, 8)).train()
+    last = anatomy(model).blocks[-1].name
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="non-finite"), probe(model, metrics="gradient") as session:
+        (model(torch.randn(2, 3, 32, 32)).sum() * float("nan")).backward()
+        session.record_gradients()
+    assert session.nonfinite == f"{last}.out (activation gradient)"
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    model.eval()
+
+
 # -- session ownership: exact handles, nesting, failure, notebooks ---------------------------------------
 def test_unknown_site_raises_listing_the_valid_sites():
     model = build_model("residual", 8)
@@ -374,10 +414,16 @@ def test_close_is_idempotent_and_a_dropped_session_removes_its_hooks():
     session.close()
     session.close()
     assert session.closed and _hooks(model) == 0
+    gradients = probe(model, metrics="gradient")
+    assert _taps(model) == len(anatomy(model).blocks)
+    del gradients
+    gc.collect()
+    assert _taps(model) == 0
 
 
-def _grad_hooks(model: nn.Module) -> int:
-    return sum(len(b.module._forward_hooks) for b in anatomy(model).blocks)
+def _taps(model: nn.Module) -> int:
+    """Blocks whose gradient tap holds a sink."""
+    return sum(b.module.grad_sink is not None for b in anatomy(model).blocks)
 
 
 def test_a_disarmed_probe_has_no_hooks_and_records_only_while_armed():
@@ -388,12 +434,14 @@ def test_a_disarmed_probe_has_no_hooks_and_records_only_while_armed():
     x = torch.randn(4, 3, 32, 32)
     keys = ["site", "kind", "metric"]
     session = probe(model, metrics=("response", "gradient"))
-    both = _hooks(model)
+    blocks = len(anatomy(model).blocks)
+    assert _hooks(model) > 0 and _taps(model) == blocks
     session.arm(response=False, gradient=False)
     assert _hooks(model) == 0 and session.armed == {"response": False, "gradient": False}
     model(x).sum().backward()  # not recorded
-    session.arm(gradient=True)
-    assert 0 < _hooks(model) == _grad_hooks(model) < both and session.armed["gradient"]
+    assert _taps(model) == 0
+    session.arm(gradient=True)  # a CIFAR net's gradients are read by the blocks' taps, not by hooks
+    assert _hooks(model) == 0 and _taps(model) == blocks and session.armed["gradient"]
     model.zero_grad()
     model(x).sum().backward()
     session.record_gradients()
@@ -401,7 +449,7 @@ def test_a_disarmed_probe_has_no_hooks_and_records_only_while_armed():
     with torch.no_grad():
         model(x[:3])
     session.arm(response=False)
-    assert _hooks(model) == 0
+    assert _hooks(model) == 0 and _taps(model) == 0
     table = session.table().set_index(keys)["value"].sort_index()
 
     with probe(model, metrics="gradient") as gradients:

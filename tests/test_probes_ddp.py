@@ -166,13 +166,16 @@ def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(t
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+@pytest.mark.parametrize("device,taps", [("cpu", True), ("cpu", False), pytest.param("cuda", True, marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
-def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_setup(tmp_path, one_thread, device):
+def test_probe_callback_records_in_the_compiled_network_the_values_of_an_eager_run(tmp_path, one_thread,
+                                                                                     device, taps):
     """``CifarClassifier(compile=True)`` compiles its network in place in ``on_fit_start`` (on CUDA; the CPU
-    case does the same by hand). Gradient norms (steps 0 and 2, run eagerly) and validation responses
-    equal those of an eager run, in float64; step 1 runs the compiled network, traced without hooks:
-    one graph, no break."""
+    case does the same by hand). Every step runs compiled: steps 0 and 2 record gradient norms through
+    the blocks' gradient taps (one graph with the sinks as inputs), step 1 runs without them (a second
+    graph); neither breaks. Those norms and the validation responses (recorded eagerly, by hooks)
+    equal those of an eager run, in float64. When another session holds the taps, the callback reads the
+    gradients by hooks, and its recording steps run eagerly: one graph."""
     import pytorch_lightning as pl
     from torch._dynamo.utils import counters
 
@@ -199,10 +202,13 @@ def test_probe_callback_records_eager_values_when_the_network_is_compiled_after_
                              callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=2, out_dir=tmp_path / name)])
         torch._dynamo.reset()
         counters.clear()
+        holder = None if taps else probe(module.model, metrics="gradient")
         trainer.fit(module, datamodule=dm)
         assert (getattr(module.model, "_compiled_call_impl", None) is not None) == (name == "compiled")
         if name == "compiled":
-            assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+            assert counters["stats"]["unique_graphs"] == 1 + taps and not counters["graph_break"]
+        if holder is not None:
+            holder.close()
         tables[name] = {t: pd.read_csv(tmp_path / name / f"probe_{t}.csv").set_index(["site", "metric", "step"])
                         ["value"].sort_index() for t in ("gradients", "responses")}
     for t in ("gradients", "responses"):

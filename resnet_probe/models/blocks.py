@@ -5,7 +5,9 @@ Every block has the same anatomy (He et al. 2016; Srivastava et al. 2015):
 - ``branch``: the residual function ``F(x) = BN(conv3x3(ReLU(BN(conv3x3(x)))))``;
 - ``shortcut``: ``S(x)``, identity or a dimension-matching mapping (options A / B / C);
 - ``gate`` (highway only): ``T(x) = sigmoid(W_T x + b_T)``, a 3x3 conv of the block input;
-- ``combine(f, s, t)``: how the block output is made from those parts.
+- ``combine(f, s, t)``: how the block output is made from those parts;
+- ``grad_sink``: ``None``, or the sink of a gradient probe, which the block output then passes
+  through (``gradient_tap``: the identity, whose backward measures the output's gradient norm).
 
 Plain blocks keep a parameter-free shortcut module that their forward never uses: it is the mapping
 a lesion replaces the block by (identity where shapes match, option A at a dimension change).
@@ -17,6 +19,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .gradient_tap import tapped
 
 SHORTCUT_OPTIONS = ("A", "B", "C")
 
@@ -108,13 +112,14 @@ class _Block(nn.Module):
         self.shortcut = shortcut
         self.downsampling = downsampling
         self.gate: nn.Module | None = None
+        self.grad_sink: torch.Tensor | None = None  # set by a gradient probe while it records
 
     def combine(self, f: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.gate(x) if self.gate is not None else None
-        return self.combine(self.branch(x), self.shortcut(x), t)
+        return tapped(self.combine(self.branch(x), self.shortcut(x), t), self.grad_sink)
 
 
 class ResidualBlock(_Block):
@@ -144,7 +149,7 @@ class PlainBlock(_Block):
         return F.relu(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.branch(x))
+        return tapped(F.relu(self.branch(x)), self.grad_sink)
 
 
 class HighwayBlock(_Block):

@@ -18,14 +18,20 @@ seeds side by side) every row is one model's, and its ``seed`` column is that mo
 Under DDP the validation sampler may repeat a few examples to give every rank the same number; use
 a validation set whose size divides evenly for exact single-process equality.
 
-Hooks and compiled networks: the session is opened in ``setup`` and disarmed at once, so the
-network carries probe hooks only while it records: during each optimisation step that records
-gradient norms and each validation epoch that records responses. Those steps and epochs run the
-network eagerly; a network compiled in place after ``setup`` (``CifarClassifier(compile=True)``
-does so in ``on_fit_start`` on CUDA) has its compiled call set aside until they end. Every other
-step and epoch runs the compiled network as traced without hooks: one graph, with no break at the
-probed modules, which CUDA graphs can capture whole. The recorded values are the eager values. A
-network already compiled when the session is opened is refused.
+Probes and compiled networks (``CifarClassifier(compile=True)`` compiles its network in place in
+``on_fit_start`` on CUDA): the session is opened in ``setup`` and disarmed at once, so the network
+carries nothing of the probes while it does not record.
+
+- A step that records gradient norms gives every block's gradient tap its sink
+  (``resnet_probe.models.gradient_tap``) and runs the compiled network: the taps are operations of
+  the blocks' own graph, so the network is compiled once with the sinks and once without, and both
+  variants run whole, without graph breaks, under CUDA graphs too. Blocks without a tap
+  (torchvision's) are measured by hooks instead, and such a step runs eagerly, with the compiled
+  call set aside: compiled code keeps the hooks it was traced with.
+- A validation epoch that records responses attaches the response hooks and runs eagerly.
+
+The recorded values equal an eager run's. A network already compiled when the session is opened is
+refused.
 """
 from __future__ import annotations
 
@@ -161,8 +167,9 @@ class ProbeCallback(pl.Callback):
         if self.session is None or self.session.gradient is None:
             return
         if trainer.global_step % self.every_n_steps == 0:
-            self._run_eagerly(pl_module)
             self.session.arm(gradient=True)
+            if not all(self.session.gradient.tapped):  # hooks: compiled code runs without them
+                self._run_eagerly(pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.session is not None and self.session.armed.get("gradient"):

@@ -6,9 +6,15 @@ Definitions, per block and per optimisation step:
   (branch, shortcut projection, gate), read from ``.grad`` after the backward pass
   (``GradientProbe.record``, called after ``loss.backward()`` / from ``on_after_backward``);
 - ``activation_grad_norm``: the L2 norm of the gradient of the loss with respect to the block
-  output over the whole batch, read by a hook on the output tensor (``Tensor.register_hook``
-  from a forward hook; module backward hooks break on in-place ops and are not used). Several
-  backward passes before one ``record`` add up their squared norms.
+  output over the whole batch. Several backward passes before one ``record`` add up their squared
+  norms.
+
+How the activation gradient is read: a CIFAR block (``has_gradient_tap``) is given a sink for its
+gradient tap (``resnet_probe.models.gradient_tap``), which measures it as part of the block's own
+graph, compiled or not. Any other block (torchvision's, or a CIFAR block whose tap another open
+session holds) gets a forward hook that registers a hook on its output tensor
+(``Tensor.register_hook``; module backward hooks break on in-place ops and are not used). Both
+compute the same sums.
 
 For a grouped network of S models side by side (``GroupedCifarNet``) both norms are taken per model:
 model ``s``'s share of a parameter is its ``s``-th slice along the first axis, and its share of a
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from ..models import BlockAnatomy
+from ..models.gradient_tap import has_gradient_tap, squared_norms_by_model
 from .nonfinite import NonFiniteWatch
 from .stats import zeros
 
@@ -49,11 +56,29 @@ class GradientProbe:
         self.act_index = [watch.register(f"{b.name}.out (activation gradient)") for b in self.blocks]
         self.active = True
         self._act: torch.Tensor | None = None
+        self._sinks: dict[int, torch.Tensor] = {}  # block index -> the sink of its gradient tap
         self.history: list[tuple[int, torch.Tensor]] = []
         self._steps = 0
 
     def hooks(self) -> list[tuple[nn.Module, str, object]]:
-        return [(b.module, "forward", partial(self._on_output, i)) for i, b in enumerate(self.blocks)]
+        """``(module, "attach", fn)`` per block: ``fn()`` opens the block's gradient tap, or else
+        registers the output hook, and returns a handle whose ``remove()`` undoes it."""
+        return [(b.module, "attach", partial(self._attach, i)) for i, b in enumerate(self.blocks)]
+
+    def _attach(self, i: int):
+        module = self.blocks[i].module
+        if not has_gradient_tap(module) or module.grad_sink is not None:
+            return module.register_forward_hook(partial(self._on_output, i))
+        param = next(module.parameters(), None)
+        dev = param.device if param is not None else torch.device("cpu")
+        sink = zeros(self.num_models, dev)
+        module.grad_sink = self._sinks[i] = sink.requires_grad_()
+        return _TapHandle(self, i)
+
+    @property
+    def tapped(self) -> list[bool]:
+        """Per block: whether its activation gradient is read by its gradient tap (else by a hook)."""
+        return [i in self._sinks for i in range(len(self.blocks))]
 
     def _on_output(self, i: int, module, args, output) -> None:
         if (self.active and isinstance(output, torch.Tensor)
@@ -61,10 +86,12 @@ class GradientProbe:
             output.register_hook(partial(self._on_grad, i))
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
-        if not self.active:
-            return
+        if self.active:
+            self._add(i, squared_norms_by_model(grad.detach(), self.num_models))
+
+    def _add(self, i: int, q: torch.Tensor) -> None:
+        """Add block ``i``'s squared activation-gradient norms ``q`` (S,) to this step's sums."""
         with torch.no_grad():
-            q = _squared_norms_by_model(grad.detach(), self.num_models)
             if self._act is None:
                 self._act = zeros((self.num_models, len(self.blocks)), q.device)
             self._act[:, i] += q
@@ -78,6 +105,7 @@ class GradientProbe:
         """
         if not self.active:
             raise RuntimeError("this probe session is closed")
+        self._drain(list(self._sinks.items()))
         grads, per_block = [], []
         for ps in self.params:
             held = [p.grad.detach() for p in ps if p.grad is not None]
@@ -99,6 +127,13 @@ class GradientProbe:
         self.history.append((self._steps if step is None else int(step), entry))
         self._steps += 1
 
+    def _drain(self, sinks: list[tuple[int, torch.Tensor]]) -> None:
+        """Add what the gradient taps ``(block index, sink)`` measured to this step's sums; empty them."""
+        for i, sink in sorted(sinks, key=lambda item: item[0], reverse=True):  # backward order
+            if sink.grad is not None:
+                self._add(i, sink.grad.detach())
+                sink.grad = None
+
     def _squared_norms(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 norm of each gradient's share of each model, shape (parameters, S), float64."""
         if self.num_models == 1:
@@ -110,6 +145,8 @@ class GradientProbe:
         self.history.clear()
         self._act = None
         self._steps = 0
+        for sink in self._sinks.values():
+            sink.grad = None
 
     def reducible(self) -> list[torch.Tensor]:
         """Squared activation-gradient norms of every recorded step (summed over ranks by all_reduce).
@@ -138,14 +175,17 @@ class GradientProbe:
         return rows
 
 
-def _squared_norms_by_model(grad: torch.Tensor, num_models: int) -> torch.Tensor:
-    """``sum grad^2`` of each model's channel block, shape (S,), float64.
+class _TapHandle:
+    """Closes one block's gradient tap: its sink is taken off the block, what it measured is kept."""
 
-    Each (example, channel) piece is reduced in the gradient's precision (float32 for lower ones),
-    a short sum; the pieces are added in float64. One float32 reduction over a whole activation
-    would be off by ~1e-4 (relative) at a million values.
-    """
-    rdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    pieces = (torch.linalg.vector_norm(grad, dim=tuple(range(2, grad.dim())), dtype=rdt) if grad.dim() > 2
-              else grad.abs().to(rdt))
-    return pieces.to(torch.float64).square().reshape(grad.shape[0], num_models, -1).sum((0, 2))
+    def __init__(self, probe: GradientProbe, index: int):
+        self.probe, self.index = probe, index
+
+    def remove(self) -> None:
+        sink = self.probe._sinks.pop(self.index, None)
+        if sink is None:
+            return
+        module = self.probe.blocks[self.index].module
+        if module.grad_sink is sink:
+            module.grad_sink = None
+        self.probe._drain([(self.index, sink)])  # what it measured stays for the next record

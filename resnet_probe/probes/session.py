@@ -4,10 +4,12 @@
         model(x)
     session.table()          # tidy DataFrame: site, stage, block, kind, metric, value, ...
 
-A session registers exactly its own hooks when it is created and removes exactly those when it is
-closed (``close()``, leaving the ``with`` block -- also on an exception or KeyboardInterrupt -- or
-when the session object is garbage-collected), so sessions nest and re-running a notebook cell
-never stacks hooks. ``arm`` removes and re-attaches one probe's hooks between recordings. Attaching is all-or-nothing. Probing never changes a model's outputs.
+A session registers exactly its own hooks (and, for the gradients of CIFAR blocks, the sinks of
+their gradient taps) when it is created and removes exactly those when it is closed (``close()``,
+leaving the ``with`` block -- also on an exception or KeyboardInterrupt -- or when the session
+object is garbage-collected), so sessions nest and re-running a notebook cell never stacks hooks.
+``arm`` removes and re-attaches one probe's hooks between recordings. Attaching is all-or-nothing.
+Probing never changes a model's outputs.
 """
 from __future__ import annotations
 
@@ -98,6 +100,9 @@ class ProbeSession:
         handles = self._hooks[metric]
         try:
             for module, kind, fn in self._parts[metric].hooks():
+                if kind == "attach":
+                    handles.append(fn())
+                    continue
                 register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
                 handles.append(register(fn))
         except BaseException:
@@ -107,7 +112,7 @@ class ProbeSession:
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove this session's hooks (idempotent); its results stay readable."""
+        """Remove this session's hooks and taps (idempotent); its results stay readable."""
         if self.response is not None:
             self.response.release()
         if self.gradient is not None:
@@ -136,12 +141,15 @@ class ProbeSession:
         self.gradient.record(step)
 
     def arm(self, response: bool | None = None, gradient: bool | None = None) -> None:
-        """Attach (``True``) or remove (``False``) the hooks of the response / gradient probe; results stay.
+        """Attach (``True``) or remove (``False``) the hooks and taps of the response / gradient probe.
 
-        A disarmed probe has no hook on the model: it adds nothing to a forward pass, and a network
-        compiled while it is disarmed is traced without it. Arm and disarm while the network runs
-        eagerly, since compiled code keeps the hooks it was traced with (``ProbeCallback`` sets the
-        compiled call aside for every step and epoch it records). ``None`` leaves a probe as it is.
+        What was recorded stays. A disarmed probe leaves nothing on the model: it adds nothing to a
+        forward pass, and a network compiled while it is disarmed is traced without it. The gradient
+        probe's taps on CIFAR blocks (``GradientProbe``) are part of the traced graph, so they may be
+        opened and closed around compiled steps; hooks are not (compiled code keeps the hooks it was
+        traced with), so a probe that uses hooks is armed and disarmed while the network runs eagerly
+        (``ProbeCallback`` sets the compiled call aside for those steps and epochs). ``None`` leaves a
+        probe as it is.
 
         Raises:
             RuntimeError: arming a closed session.
@@ -159,7 +167,7 @@ class ProbeSession:
 
     @property
     def armed(self) -> dict[str, bool]:
-        """``{metric: hooks attached}`` for each metric this session measures."""
+        """``{metric: hooks or taps attached}`` for each metric this session measures."""
         return dict(self._armed)
 
     def reset(self) -> None:
