@@ -231,7 +231,7 @@ def test_highway_gate_mean_and_saturation_follow_their_definitions():
 
 
 # -- gradients -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["residual", "resnet18"])
+@pytest.mark.parametrize("name", ["residual", "plain", "highway", "resnet18"])
 def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, torchvision_models):
     torch.manual_seed(4)
     model = (torchvision_models[name] if name in torchvision_models else build_model(name, 14)).train()
