@@ -573,3 +573,26 @@ def test_cuda_probe_matches_cpu_and_keeps_outputs_bitwise_under_bf16_autocast():
     c = in_bf16.table()
     assert c[c.metric == "std"].value.to_numpy() == pytest.approx(a[a.metric == "std"].value.to_numpy(), rel=0.05)
     assert next(iter(on_gpu.stats.values())).moments.device.type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gradient_taps_of_a_model_moved_to_cuda_while_recording_equal_those_opened_there():
+    """Taps opened on the CPU keep their sinks there; the norms measured on the GPU still reach them."""
+    torch.manual_seed(12)
+    model = build_model("residual", 8).train()
+    x, y = torch.randn(4, 3, 32, 32).cuda(), torch.randint(0, 10, (4,)).cuda()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tables = []
+    for opened_on_cpu in (True, False):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        if not opened_on_cpu:
+            model.cuda()
+        with probe(model, metrics="gradient") as session:
+            model.cuda()
+            F.cross_entropy(model(x), y).backward()
+            session.record_gradients()
+        tables.append(session.table().set_index(["site", "metric"])["value"].sort_index())
+        model.cpu()
+    pd.testing.assert_series_equal(tables[0], tables[1], rtol=1e-6)

@@ -35,16 +35,19 @@ class GradientTap(torch.autograd.Function):
     """``out -> out``; backward adds each model's squared gradient norm to ``sink``'s gradient."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
-        ctx.num_models = sink.shape[0]
-        ctx.sink_dtype = sink.dtype
+    def forward(out: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
         return out.clone()  # a new tensor: code downstream may modify the block output in place
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        sink = inputs[1]
+        ctx.num_models, ctx.sink_dtype, ctx.sink_device = sink.shape[0], sink.dtype, sink.device
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         sink_grad = None
-        if ctx.needs_input_grad[1]:
-            sink_grad = squared_norms_by_model(grad, ctx.num_models).to(ctx.sink_dtype)
+        if ctx.needs_input_grad[1]:  # the sink may sit elsewhere: a model moved while a probe records
+            sink_grad = squared_norms_by_model(grad, ctx.num_models).to(ctx.sink_device, ctx.sink_dtype)
         return grad, sink_grad
 
 
