@@ -207,6 +207,8 @@ def test_probe_callback_records_in_the_compiled_network_the_values_of_an_eager_r
         assert (getattr(module.model, "_compiled_call_impl", None) is not None) == (name == "compiled")
         if name == "compiled":
             assert counters["stats"]["unique_graphs"] == 1 + taps and not counters["graph_break"]
+            if device == "cuda":  # every variant ran as a CUDA graph (a CPU graph always counts a skip)
+                assert not counters["inductor"]["cudagraph_skips"]
         if holder is not None:
             holder.close()
         tables[name] = {t: pd.read_csv(tmp_path / name / f"probe_{t}.csv").set_index(["site", "metric", "step"])
