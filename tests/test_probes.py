@@ -317,6 +317,22 @@ def test_a_nested_gradient_session_reads_the_taken_taps_by_hooks_and_agrees_with
     model.zero_grad(set_to_none=True)
 
 
+def test_a_tap_is_skipped_without_a_backward_pass(monkeypatch):
+    """With gradients disabled the block returns its output as is, sink or not."""
+    from resnet_probe.models.gradient_tap import GradientTap
+
+    def refuse(*args):
+        raise AssertionError("GradientTap ran")
+    model = build_model("residual", 8)
+    x = torch.randn(2, 3, 32, 32)
+    with probe(model, metrics="gradient"):
+        monkeypatch.setattr(GradientTap, "apply", refuse)
+        with torch.no_grad():
+            model(x)
+        with pytest.raises(AssertionError, match="GradientTap ran"):
+            model(x)
+
+
 @pytest.mark.parametrize("name", ["residual", "resnet18"])
 def test_the_first_nonfinite_gradient_is_the_last_block_output(name, torchvision_models):
     """Backward reaches the last block first: taps and hooks both report that block's output."""

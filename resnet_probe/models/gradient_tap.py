@@ -2,15 +2,17 @@
 
 A CIFAR block ends with ``tapped(out, self.grad_sink)``. While ``grad_sink`` is ``None`` (always,
 unless a gradient probe records) that is ``out`` itself. While it holds a sink, a float tensor of
-shape (S,) that requires grad, the block's output passes through ``GradientTap``: the identity in the
-forward pass, and in the backward pass it also returns, as the sink's gradient,
+shape (S,) that requires grad, the block's output passes, when gradients are enabled, through
+``GradientTap``: the identity in the forward pass, and in the backward pass it also returns, as the
+sink's gradient,
 
     sink.grad[s] += sum over the batch of (dL / d out[:, channel block s]) ** 2
 
 the squared L2 norm of the loss gradient at model ``s``'s share of the block output (S = 1 for an
 ordinary network). The measurement is an operation of the block's own graph, not a hook, so a
 compiled network traces it like any other operation (one more variant, compiled once, with the sink
-as an input) and records without leaving its compiled code; CUDA graphs capture it too.
+as an input) and records without leaving its compiled code: no graph break that would keep CUDA
+graphs from capturing the step whole.
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ class GradientTap(torch.autograd.Function):
 
 
 def tapped(out: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
-    """``out`` through a ``GradientTap`` into ``sink``, or ``out`` itself when there is no sink."""
-    return out if sink is None else GradientTap.apply(out, sink)
+    """``out`` through a ``GradientTap`` into ``sink``; ``out`` itself without a sink or a backward pass."""
+    return out if sink is None or not torch.is_grad_enabled() else GradientTap.apply(out, sink)
 
 
 def has_gradient_tap(module: nn.Module) -> bool:

@@ -24,8 +24,8 @@ carries nothing of the probes while it does not record.
 
 - A step that records gradient norms gives every block's gradient tap its sink
   (``resnet_probe.models.gradient_tap``) and runs the compiled network: the taps are operations of
-  the blocks' own graph, so the network is compiled once with the sinks and once without, and both
-  variants run whole, without graph breaks, under CUDA graphs too. Blocks without a tap
+  the blocks' own graph, so the network is compiled once with the sinks and once without, and each
+  variant runs whole, without graph breaks, which CUDA graphs can capture. Blocks without a tap
   (torchvision's) are measured by hooks instead, and such a step runs eagerly, with the compiled
   call set aside: compiled code keeps the hooks it was traced with.
 - A validation epoch that records responses attaches the response hooks and runs eagerly.
