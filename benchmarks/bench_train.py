@@ -11,8 +11,8 @@ Rows, per architecture, all measured in the same run on the same device:
 - ``b_lightning_probes``: (b) with the probes on, as a study attaches them: ``ProbeCallback`` on every
   site, recording the per-block gradient norms every ``probe_every`` steps (paper size: 50, the
   callback's default), which is also its timed window, so every window holds exactly one recording
-  step (compiled as well: the blocks' gradient taps are a second variant of the graph). Its ``probes_vs_off`` is
-  its time over (b)'s; target <= 1.10.
+  step (compiled as well: the blocks' gradient taps are a second variant of the graph). Its
+  ``probes_vs_off`` is its time over (b)'s; target <= 1.10.
 - ``c_grouped_S``: ``GroupedClassifier``: S seeds as one grouped network, each model with its own
   data order (``per_model_train_batches``), same fast path as (b).
 
