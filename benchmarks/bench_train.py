@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pytorch_lightning as pl
@@ -149,7 +150,8 @@ def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | 
         dm.setup("fit")
         train = per_model_train_batches(dm, seeds)
     clock = _StepClock(warmup, window)
-    with tempfile.TemporaryDirectory(prefix="bench_train_probes_") as tables:
+    folder = tempfile.TemporaryDirectory(prefix="bench_train_probes_") if probes else nullcontext()
+    with folder as tables:  # the probes' CSV tables, only in the probes row
         callbacks = [clock] + ([ProbeCallback(every_n_steps=window, out_dir=tables)] if probes else [])
         trainer = pl.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed" if cuda else "32-true",
                              max_steps=total, limit_val_batches=0, logger=False, enable_checkpointing=False,
