@@ -143,6 +143,11 @@ class Run:
         self._prov["data"] = jsonable(dict(description))
         write_json(self.path / PROVENANCE, self._prov)
 
+    def set_command(self, command: str) -> None:
+        """Record the command that repeats this run (shown in the report's provenance)."""
+        self._prov["command"] = str(command)
+        write_json(self.path / PROVENANCE, self._prov)
+
     def set_title(self, title: str) -> None:
         """Set the report's title (default: the study name)."""
         self._state["title"] = str(title)
