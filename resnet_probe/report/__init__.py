@@ -20,7 +20,7 @@ incomplete. Earlier run folders are never touched.
 Public API
 ----------
 - ``new_run(study, out="runs", config=None, *, data=None, source_file=None, title=None, argv=None) -> Run``
-- ``open_run(path) -> Run``
+- ``open_run(path) -> Run``; ``find_run(study)``: the run a notebook reads
 - ``Run``: ``path``, ``state``, ``tables``, ``figures``, ``provenance``, ``table(name)``,
   ``add_table(name, df)``, ``add_figure(name, kind, table, *, section=None, caption=None, **spec)``,
   ``add_text(section, markdown)``, ``add_headline(df_or_markdown, *, title=None)``, ``set_data(dict)``,
@@ -34,6 +34,7 @@ Public API
 - ``screenshot(html, png)`` in ``resnet_probe.report.screenshot`` (headless Chromium)
 """
 from .combine import combine_runs
+from .find import find_run
 from .figures import FIGURE_KINDS, SPEC_KEYS
 from .folder import STATES, RunFolderError
 from .rebuild import FigureError, rebuild, rebuild_main
@@ -42,5 +43,5 @@ from .tables import TIDY_RECOMMENDED, TIDY_REQUIRED, validate_tidy
 from .uncertainty import format_ci, format_mean_std, mean_ci, summarise_over_seeds
 
 __all__ = ["FIGURE_KINDS", "FigureError", "Run", "RunFolderError", "SPEC_KEYS", "STATES", "TIDY_RECOMMENDED",
-           "TIDY_REQUIRED", "combine_runs", "format_ci", "format_mean_std", "mean_ci", "new_run", "open_run",
+           "TIDY_REQUIRED", "combine_runs", "find_run", "format_ci", "format_mean_std", "mean_ci", "new_run", "open_run",
            "rebuild", "rebuild_main", "summarise_over_seeds", "validate_tidy"]

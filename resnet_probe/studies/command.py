@@ -20,17 +20,21 @@ import re
 import sys
 import traceback
 from argparse import ArgumentError
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
+import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ..checkpoints import TORCHVISION_ARCHS
-from ..train.fit import DEVICES, resolve_device
+from ..train.fit import resolve_device
+from . import STUDIES
+from .inputs import load_data, load_models
+from .spec import StudyCommand
+from .train_zoo import ZooSettings
 
-__all__ = ["SCALES", "StudyCommand", "UserError", "main", "study_command"]
+__all__ = ["SCALES", "UserError", "main", "study_command"]
 
 SCALES = ("tiny", "quick", "paper")
 DEBUG_ENV = "RESNET_PROBE_DEBUG"
@@ -40,38 +44,8 @@ class UserError(ValueError):
     """A problem with what the user asked for (reported in one line, exit status 2)."""
 
 
-@dataclass(frozen=True)
-class StudyCommand:
-    """How a study is driven from the command line.
-
-    Attributes:
-        name: the study (``lesion``), also its subcommand and run-folder name.
-        description: one paragraph for ``--help``.
-        run: the study's ``run`` function.
-        settings: its settings dataclass (with ``tiny()``, ``quick()`` and ``paper()``).
-        inputs: ``models`` (analyses model sources), ``zoo`` (reads a train_zoo run's records) or
-            ``data`` (only data: train_zoo itself).
-        train: the nets trained when no model is given, per scale (``None``: the study never trains).
-        families: families a train_zoo folder contributes (``None``: all).
-        threads: default CPU threads (``None``: torch's choice).
-    """
-
-    name: str
-    description: str
-    run: Callable[..., Any]
-    settings: type
-    inputs: Literal["models", "zoo", "data"] = "models"
-    train: Callable[[str], Any] | None = None
-    families: tuple[str, ...] | None = None
-    threads: int | None = None
-
-    def preset(self, scale: str) -> Any:
-        return getattr(self.settings, scale)()
-
-
 def study_command(name: str) -> StudyCommand:
     """The ``COMMAND`` of study ``name`` (``resnet_probe.studies.<name>``)."""
-    from . import STUDIES
     if name not in STUDIES:
         raise UserError(f"unknown study {name!r}; valid studies: {', '.join(STUDIES)}")
     return importlib.import_module(f"{__package__}.{name}").COMMAND
@@ -139,7 +113,6 @@ def build_parser(cmd: StudyCommand, scale: str = "quick") -> ArgumentParser:
     p.add_class_arguments(cmd.settings, "settings", sub_configs=True)
     p.set_defaults({"settings": dataclasses.asdict(cmd.preset(scale))})
     if cmd.train is not None:
-        from .train_zoo import ZooSettings
         p.add_class_arguments(ZooSettings, "train", sub_configs=True,
                               help="the nets trained when no model is given")
         p.set_defaults({"train": dataclasses.asdict(cmd.train(scale))})
@@ -176,7 +149,6 @@ def resolve_inputs(cmd: StudyCommand, parser: ArgumentParser, cfg: Namespace) ->
     Raises:
         UserError: naming the problem (and the valid choices where there are some).
     """
-    from .inputs import load_data, load_models
     try:
         init = parser.instantiate(cfg)  # the settings dataclasses check their values
     except (TypeError, ValueError) as e:
@@ -185,7 +157,6 @@ def resolve_inputs(cmd: StudyCommand, parser: ArgumentParser, cfg: Namespace) ->
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise UserError(f"--threads must be a positive number; got {cfg.threads}")
-        import torch
         torch.set_num_threads(cfg.threads)
     try:
         resolve_device(cfg.device)

@@ -25,7 +25,7 @@ import pandas as pd
 from ..lesion import mean_ci as bootstrap_mean_ci
 from ..report import format_ci, format_mean_std
 from ..train.fit import resolve_device
-from .command import StudyCommand
+from .spec import StudyCommand
 from .inputs import StudyData, Zoo, model_name
 from .runs import StudyResult, study_config, study_run
 from .train_zoo import ZooSettings, trained_zoo

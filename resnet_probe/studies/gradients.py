@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..report import format_mean_std
 from ..train.fit import resolve_device
-from .command import StudyCommand
+from .spec import StudyCommand
 from .inputs import StudyData, Zoo, family_rank
 from .runs import StudyResult, study_config, study_run
 from .train_zoo import ZooSettings, trained_zoo
@@ -176,7 +176,7 @@ def _report(run, tables: dict[str, pd.DataFrame], final: pd.DataFrame) -> None:
                        title=f"{label.split(',')[0].capitalize()} per block (mean over steps)",
                        caption=f"{label}, averaged over the recorded training steps; rings: downsampling blocks.")
     run.add_figure("relative_param_grad_over_training", "line", "gradients", section="Gradients during training",
-                   x="step", hue="block_index", col="model", col_order=models, col_wrap=3, palette="viridis",
+                   x="step", hue="block_index", col="model", col_order=models, col_wrap=3,
                    query="metric == 'relative_param_grad'", logy=True, legend_title="block", errorbar=None,
                    xlabel="iteration", ylabel="||dL/dθ|| / ||θ||",
                    title="Relative gradient of every block during training")

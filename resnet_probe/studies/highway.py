@@ -32,7 +32,7 @@ from ..probes import probe
 from ..report import format_mean_std
 from ..report import mean_ci as t_mean_ci
 from .analysis import analysis_run
-from .command import StudyCommand
+from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
 from .lesion import tidy_sweep
 from .runs import StudyResult

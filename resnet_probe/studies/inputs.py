@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data import DataSource, normalize, random_subset
+from ..data import DataSource, normalize, random_subset, resolve_source
 from ..models import anatomy, count_parameters
 from ..report import RunFolderError, open_run
 from .imagenet import ImageFolderData, imagefolder_path, load_imagefolder, load_study_model
@@ -301,7 +301,6 @@ def load_data(spec: str = "auto", *, n_train: int | None = 1, n_test: int | None
         n_test: evaluation images needed (sizes a synthetic set, caps an image folder; ``None`` = all).
         seed: seed of the image-folder subset.
     """
-    from ..data import resolve_source
     folder = imagefolder_path(spec)
     if folder is not None:
         return StudyData(str(spec), load_imagefolder(folder, limit=n_test, seed=seed))

@@ -40,7 +40,7 @@ from ..lesion.table import metrics_table, sweep_options
 from ..models import LESION_MODES, anatomy
 from ..models.compiled import evaluation_model
 from .analysis import analysis_run
-from .command import StudyCommand
+from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
 from .lesion_report import NON_DOWNSAMPLING, write_lesion_report
 from .runs import StudyResult

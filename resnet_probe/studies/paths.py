@@ -38,7 +38,7 @@ from ..paths import (check_additive, effective_paths, net_gradient_by_length, pa
 from ..models import anatomy
 from ..report import format_mean_std
 from .analysis import analysis_run
-from .command import StudyCommand
+from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
 from .runs import StudyResult
 from .train_zoo import ZooSettings

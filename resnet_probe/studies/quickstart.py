@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..report import combine_runs
 from . import degradation, gradients, highway, lesion, paths, response_std, train_zoo
-from .command import StudyCommand
+from .spec import StudyCommand
 from .effects import CONSISTENT, cell, degradation_effect, deletion_effect, response_effect
 from .inputs import StudyData, Zoo, model_name
 from .runs import StudyResult, study_config, study_run

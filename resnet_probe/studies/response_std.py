@@ -32,7 +32,7 @@ import torch
 from ..probes import probe
 from ..report import format_ci, format_mean_std
 from .analysis import analysis_run
-from .command import StudyCommand
+from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
 from .runs import StudyResult
 from .train_zoo import ZooSettings

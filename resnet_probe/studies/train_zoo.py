@@ -37,7 +37,7 @@ from ..train import CifarClassifier
 from ..train.fit import fit, quiet_lightning, resolve_device
 from ..train.grouped import GroupedClassifier, per_model_train_batches
 from .inputs import StudyData, StudyModel, Zoo, family_rank, load_model_source, model_name
-from .command import StudyCommand
+from .spec import StudyCommand
 from .runs import StudyResult, progress, study_config, study_run
 
 FAMILIES = ("plain", "highway", "residual", "preact")
