@@ -23,6 +23,7 @@ STUDY_HELP = {
     "lesion": "delete and reorder blocks (Veit et al. 2016): resnet-probe lesion CHECKPOINT ...",
     "paths": "gradient per path length and effective paths (Veit et al. 2016, Fig. 6)",
     "highway": "highway gate statistics and gate closing (Srivastava et al. 2015)",
+    "similarity": "linear CKA between blocks of one net and of two nets (Kornblith et al. 2019, minibatch CKA)",
     "quickstart": "train small nets, run every study, one report (what `make demo` runs)",
 }
 SUBCOMMANDS = {
