@@ -8,6 +8,7 @@ without a cell error. Notebooks only read runs: none of them trains.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -15,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-REQUIRED = {"lesion_run", "response_std_depths", "torchvision_probes"}
+REQUIRED = {"lesion_run", "response_std_depths", "similarity_run", "torchvision_probes"}
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,7 @@ def test_notebook_executes_on_tiny_runs(path, workdir, monkeypatch):
         assert workdir["lesion"].name in text     # the newest lesion run under runs/
         assert "without stage" in text          # the by-hand deletion ran, on the run's own data
         assert ("SYNTHETIC" in text) == workdir["synthetic"]
+    if path.stem == "similarity_run":
+        found = re.search(r"largest difference from the table ([0-9.e+-]+)", text)
+        assert found and float(found[1]) < 1e-9       # the CKA recomputed from the reopened model and images
+        assert "minibatches of 4: finite = True" in text

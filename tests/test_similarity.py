@@ -44,6 +44,17 @@ def cka_of_means(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return float(xy / np.sqrt(xx * yy))
 
 
+def block_outputs(net, x: torch.Tensor) -> list[np.ndarray]:
+    """Each block's output flattened per image (float64), by an explicit forward through the anatomy."""
+    anat, out = anatomy(net), []
+    with torch.no_grad():
+        h = anat.stem(x)
+        for blk in anat.blocks:
+            h = blk.module(h)
+            out.append(h.reshape(len(x), -1).double().numpy())
+    return out
+
+
 def test_cka_is_one_after_an_orthogonal_transform_or_a_scaling():
     x = torch.randn(40, 30, dtype=torch.float64, generator=_rng())
     q, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64, generator=_rng(1)))
@@ -164,13 +175,9 @@ def test_block_grams_are_the_grams_of_the_block_outputs_and_change_no_output(net
     net = nets["highway"]
     x = torch.randn(6, 3, 32, 32, generator=_rng(12))
     anat = anatomy(net)
+    expected = [torch.from_numpy(o @ o.T) for o in block_outputs(net, x)]
     with torch.no_grad():
         expected_logits = net(x)
-        h, expected = anat.stem(x), []
-        for b in anat.blocks:
-            h = b.module(h)
-            flat = h.reshape(6, -1).double()
-            expected.append(flat @ flat.T)
         with block_grams(net) as rec:
             logits = net(x)
             grams = rec.take()
@@ -205,17 +212,7 @@ def test_cka_between_two_nets_equals_an_explicit_computation(nets):
     x = torch.randn(16, 3, 32, 32, generator=_rng(14))
     a, b = nets["plain"], nets["residual"]
     result = stream_block_cka([a, b], x, minibatch=8)
-
-    def outputs(net):
-        anat, h, out = anatomy(net), None, []
-        with torch.no_grad():
-            h = anat.stem(x)
-            for blk in anat.blocks:
-                h = blk.module(h)
-                out.append(h.reshape(len(x), -1).double().numpy())
-        return out
-
-    oa, ob = outputs(a), outputs(b)
+    oa, ob = block_outputs(a, x), block_outputs(b, x)
     for i, j in [(0, 0), (1, 2), (2, 1)]:
         expected = cka_of_means([(oa[i][s:s + 8], ob[j][s:s + 8]) for s in (0, 8)])
         assert result.between(0, 1)[i, j] == pytest.approx(expected, rel=1e-9)
@@ -238,19 +235,10 @@ def test_similarity_tables_agree_with_an_explicit_minibatch_computation(similari
     blocks, pairs = similarity_run.tables["cka_blocks"], similarity_run.tables["cka_pairs"]
     nets = {m.name: m.model for m in similarity_run.zoo.models}
 
-    def outputs(name):
-        anat, out = anatomy(nets[name]), []
-        with torch.no_grad():
-            h = anat.stem(x)
-            for blk in anat.blocks:
-                h = blk.module(h)
-                out.append(h.reshape(len(x), -1).double().numpy())
-        return out
-
     def explicit(a, i, b, j):
         return cka_of_means([(a[i][s:s + 12], b[j][s:s + 12]) for s in range(0, 48, 12)])
 
-    res, plain = outputs("residual-14"), outputs("plain-14")
+    res, plain = block_outputs(nets["residual-14"], x), block_outputs(nets["plain-14"], x)
     row = blocks[(blocks["model"] == "residual-14") & (blocks["block"] == 2) & (blocks["other_block"] == 5)]
     assert row["value"].item() == pytest.approx(explicit(res, 1, res, 4), rel=1e-9)
     assert (row["minibatches"].item(), row["images"].item()) == (4, 48)
@@ -264,12 +252,12 @@ def test_similarity_tables_agree_with_an_explicit_minibatch_computation(similari
 
 def test_pairs_of_the_same_depth_are_compared_and_labelled(similarity_run):
     pairs = similarity_run.tables["cka_pairs"]
-    assert set(pairs["comparison"]) == {"plain-14 vs highway-14", "plain-14 vs residual-14",
+    assert set(pairs["pair"]) == {"plain-14 vs highway-14", "plain-14 vs residual-14",
                                         "highway-14 vs residual-14"}     # residual-8 has no partner
     assert set(pairs["kind"]) == {"two families"} and pairs["aligned"].all()
     summary = similarity_run.tables["summary"]
-    same = summary[summary["metric"] == "same_block_cka"].set_index("comparison")["value"]
-    diag = pairs[pairs["block"] == pairs["other_block"]].groupby("comparison")["value"].mean()
+    same = summary[summary["metric"] == "same_block_cka"].set_index("pair")["value"]
+    diag = pairs[pairs["block"] == pairs["other_block"]].groupby("pair")["value"].mean()
     assert np.allclose(same.sort_index(), diag.sort_index())
 
 

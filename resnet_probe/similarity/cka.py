@@ -28,8 +28,9 @@ which is the same as ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` for centered 
 all ``n`` representations at once (memory grows with ``n``), and its bias (of order ``1/n``, larger for
 features wider than ``n``) does not average away over minibatches: a mean of biased minibatch estimates
 depends on the minibatch size. The unbiased form has neither problem, so its CKA on minibatches of 4 and
-on one minibatch of all images estimate the same quantity; at finite ``n`` its values sit somewhat below
-full-batch biased CKA, most visibly between dissimilar, high-dimensional representations.
+on one minibatch of all images estimate the same quantity. On the same ``n`` images, full-batch biased
+CKA and this estimate differ by the biased estimator's bias, which vanishes as ``n`` grows; minibatch CKA
+has the variance of ``k`` averaged minibatches instead, larger for small minibatches.
 
 Undefined cases. CKA is 0/0 for a representation whose self-HSIC is zero (constant over the images, e.g.
 a block whose outputs are all zero); it is then NaN, as it should be, and never from a small minibatch.

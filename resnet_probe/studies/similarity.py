@@ -15,8 +15,9 @@ number of images and any minibatch of 4 or more images gives a finite value.
 
 Where this departs from the papers. Kornblith et al. computed linear CKA on the whole evaluation set at
 once with the biased HSIC estimator; minibatch CKA of unbiased HSIC estimates the same population
-quantity without the biased estimator's upward bias (which is largest for wide, dissimilar
-representations), so values can sit below full-batch biased CKA on the same images. Only block outputs
+quantity without the biased estimator's bias of order 1/n (which does not average away over minibatches),
+so on the same images it differs from full-batch biased CKA by that bias, and by the variance of the
+minibatch average. Only block outputs
 are compared (not the layers inside the blocks, nor the stem and the pooled features). Pairs of nets are
 chosen by ``pairs``: nets of the same depth (CIFAR nets; other nets of the same architecture), all pairs,
 or none. The papers' nets were trained to convergence; the quick scale's nets are trained for minutes.
@@ -35,7 +36,6 @@ import numpy as np
 import pandas as pd
 
 from ..report import format_mean_std
-from ..report.family_colours import OTHER_COLOURS
 from ..similarity import MIN_EXAMPLES, BlockCKA, stream_block_cka
 from .analysis import analysis_run
 from .inputs import StudyData, StudyModel, Zoo
@@ -146,8 +146,8 @@ def pairs_table(result: BlockCKA, sm: StudyModel, partners: list[StudyModel], ru
                 downsampling: list[list[bool]]) -> pd.DataFrame:
     """CKA between every block of each partner (net ``i + 1`` of ``result``) and every block of ``sm`` (net 0).
 
-    ``model`` names the pair with its seeds; ``comparison`` without them (the level figures average
-    over); ``aligned``: both nets have the same number of blocks, so block ``i`` faces block ``i``.
+    ``model`` names the pair with its seeds; ``pair`` without them (the level figures average over);
+    ``aligned``: both nets have the same number of blocks, so block ``i`` faces block ``i``.
     """
     parts = []
     n_blocks = int((result.network == 0).sum())
@@ -155,7 +155,7 @@ def pairs_table(result: BlockCKA, sm: StudyModel, partners: list[StudyModel], ru
         label, kind = comparison(p, sm)
         df = _grid(result, i, 0, downsampling)
         meta = {"run": run_name, "seed": sm.seed, "model": f"{p.name} (seed {p.seed}) vs {sm.name} (seed {sm.seed})",
-                "comparison": label, "kind": kind, "model_a": p.name, "seed_a": p.seed, "family_a": p.family,
+                "pair": label, "kind": kind, "model_a": p.name, "seed_a": p.seed, "family_a": p.family,
                 "depth_a": p.depth, "model_b": sm.name, "seed_b": sm.seed, "family_b": sm.family,
                 "depth_b": sm.depth, "aligned": int((result.network == i).sum()) == n_blocks}
         for k, v in reversed(list(meta.items())):
@@ -214,7 +214,7 @@ def summary(blocks: pd.DataFrame, pairs: pd.DataFrame | None) -> pd.DataFrame:
     if pairs is not None:
         same = pairs[pairs["aligned"] & (pairs["block"] == pairs["other_block"])]
         for (model, seed), g in same.groupby(["model", "seed"], sort=False):
-            base = {"run": g["run"].iloc[0], "seed": seed, "model": model, "comparison": g["comparison"].iloc[0],
+            base = {"run": g["run"].iloc[0], "seed": seed, "model": model, "pair": g["pair"].iloc[0],
                     "kind": g["kind"].iloc[0], "site": "network", "n_blocks": len(g)}
             rows += [{**base, "metric": "same_block_cka", "value": float(g["value"].mean())},
                      {**base, "metric": "same_block_cka_min", "value": float(g["value"].min())}]
@@ -222,7 +222,7 @@ def summary(blocks: pd.DataFrame, pairs: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def headline(summ: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Formatted per-net and per-comparison headlines (mean ± std over seeds or seed pairs)."""
+    """Formatted per-net and per-pair headlines (mean ± std over seeds or seed pairs)."""
     nets = summ[summ["metric"].isin(["neighbour_cka", "first_last_cka", "last_block_similar"])]
     rows = []
     for model, g in nets.groupby("model", sort=False):
@@ -235,10 +235,10 @@ def headline(summ: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     per_pair = summ[summ["metric"] == "same_block_cka"]
     pair_rows = []
     lows = summ[summ["metric"] == "same_block_cka_min"]
-    for label, g in per_pair.groupby("comparison", sort=False):
-        pair_rows.append({"comparison": label, "kind": g["kind"].iloc[0], "pairs of nets": len(g),
+    for label, g in per_pair.groupby("pair", sort=False):
+        pair_rows.append({"nets": label, "kind": g["kind"].iloc[0], "pairs of nets": len(g),
                           "mean CKA of the same block": format_mean_std(g["value"], digits=3),
-                          "lowest same-block CKA": format_mean_std(lows[lows["comparison"] == label]["value"],
+                          "lowest same-block CKA": format_mean_std(lows[lows["pair"] == label]["value"],
                                                                    digits=3)})
     return pd.DataFrame(rows), (pd.DataFrame(pair_rows) if pair_rows else None)
 
@@ -264,9 +264,10 @@ def write_report(run, tables: dict[str, pd.DataFrame], s: SimilaritySettings, da
                  "HSIC estimator (Song et al. 2012) between every pair of blocks; HSIC averaged over the "
                  "minibatches, and CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) of the averages (Nguyen, Raghu, "
                  "Kornblith 2021). Each minibatch's estimate is unbiased for the population HSIC, so the average "
-                 "does not depend on the minibatch size and memory does not grow with the number of images. "
-                 "Kornblith et al. used the biased estimator on all images at once, which reads higher for wide, "
-                 "dissimilar representations. Pairs of nets: " + {
+                 "estimates the same quantity whatever the minibatch size, and memory does not grow with the "
+                 "number of images. "
+                 "Kornblith et al. used the biased estimator on all images at once, whose bias (of order 1/n) would not "
+                 "average away over minibatches. Pairs of nets: " + {
                      "same_depth": "nets of the same depth (two seeds, or two families).",
                      "all": "every two nets.", "none": "none."}[s.pairs] + " Block outputs only: the layers "
                  "inside a block are not compared.")
@@ -277,26 +278,27 @@ def write_report(run, tables: dict[str, pd.DataFrame], s: SimilaritySettings, da
                    caption="Mean over seeds. Block 1 is the first block after the stem; stage changes at the "
                            "downsampling blocks.", **heat)
     run.add_figure("cka_neighbour", "line", "cka_blocks", section=section, query="other_block == block + 1",
-                   x="other_block", hue="model", markers=True, flag="other_downsampling",
+                   x="other_block", hue="model", markers=True, errorbar="sd", flag="other_downsampling",
                    flag_label="downsampling block", xlabel="block i", ylabel="CKA(block i - 1, block i)",
                    title="How much each block changes the representation",
-                   caption="Low values: the block changes the representation a lot. Band: 95 % interval over "
-                           "seeds where there are several.")
+                   caption="Low values: the block changes the representation a lot. Band: ± 1 std over seeds "
+                           "where there are several.")
     if pairs is None:
         return
     section = "CKA between the same blocks of two nets"
-    levels = list(dict.fromkeys(pairs["comparison"]))
-    palette = {lv: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, lv in enumerate(levels)}
-    run.add_figure("cka_pairs", "heatmap", "cka_pairs", section=section, x="other_block", y="block", col="comparison",
+    run.add_figure("cka_pairs", "heatmap", "cka_pairs", section=section, x="other_block", y="block", col="pair",
                    xlabel="block of the second net", ylabel="block of the first net",
                    title="Linear CKA between every block of one net and every block of another",
                    caption="Mean over pairs of seeds.", **heat)
     if pairs["aligned"].any():
         run.add_figure("cka_same_block", "line", "cka_pairs", section=section,
-                       query="aligned and block == other_block", x="block", hue="comparison", style="kind",
-                       markers=True, flag="downsampling", flag_label="downsampling block", palette=palette,
-                       xlabel="block", ylabel="CKA of block i in both nets", title="The same block in two nets",
-                       caption="Band: 95 % interval over pairs of seeds where there are several.")
+                       query="aligned and block == other_block", x="block", col="model_a", hue="model_b",
+                       markers=True, errorbar="sd", flag="downsampling", flag_label="downsampling block",
+                       legend_title="second net", xlabel="block i", ylabel="CKA of block i in both nets",
+                       title="The same block in two nets",
+                       caption="Each panel: one net (its name above) against the nets after it in the run's order; "
+                               "the same architecture in both is two seeds. Band: ± 1 std over pairs of seeds "
+                               "where there are several.")
 
 
 COMMAND = StudyCommand(
