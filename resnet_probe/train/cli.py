@@ -243,14 +243,15 @@ class ResnetProbeCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         m = cfg.model
         ckpt_path = cfg.get("ckpt_path")
+        local = ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and "://" not in ckpt_path  # not s3:// etc.
+        if local and not Path(ckpt_path).is_file():
+            raise RunDirError(f"--ckpt_path {ckpt_path} is not a file; give a checkpoint file or one of "
+                              f"{', '.join(LIGHTNING_CKPT_NAMES)}")
         run_dir = resolve_run_dir(cfg.run_dir, self.subcommand, ckpt_path,
                                   f"{m.family}{m.depth}-{m.option}-s{m.seed}")
         resuming = self.subcommand == "fit" and bool(ckpt_path)
         if cfg.run_dir and not resuming and not _launched_for_a_rank():
             check_run_dir_free(run_dir, self.subcommand)
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and not Path(ckpt_path).is_file():
-            raise RunDirError(f"--ckpt_path {ckpt_path} is not a file; give a checkpoint file or one of "
-                              f"{', '.join(LIGHTNING_CKPT_NAMES)}")
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.save_config_kwargs["overwrite"] = resuming
         trainer_cfg = self._get(self.config_init, "trainer", default={})
