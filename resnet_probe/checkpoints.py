@@ -43,6 +43,13 @@ class CheckpointError(ValueError):
     """A file that cannot be loaded as a model; the message names the file and the reason."""
 
 
+class UnsafeLoadWarning(UserWarning):
+    """A file is being unpickled without ``weights_only`` because the user allowed it; named each time."""
+
+
+warnings.simplefilter("always", UnsafeLoadWarning)  # every unpickled file is named, not only the first
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A file that would need arbitrary unpickling (possible code execution) to load."""
 
@@ -148,6 +155,9 @@ def read_checkpoint(path: str | os.PathLike, *, allow_unsafe: bool = False) -> A
                 "arbitrary code chosen by whoever made the file. Only tensors and plain containers are "
                 "loaded by default (torch.load(weights_only=True)). If you trust the file's source, load "
                 f"it knowingly with allow_unsafe=True (command line: {UNSAFE_FLAG}).") from None
+    warnings.warn(f"{path}: loading with arbitrary unpickling (allowed by allow_unsafe / {UNSAFE_FLAG}); this can "
+                  f"run code from the file, which names {', '.join(unsafe[:6])}{' ...' if len(unsafe) > 6 else ''}",
+                  UnsafeLoadWarning, stacklevel=2)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
@@ -202,8 +212,14 @@ def check_timm_name(name: str) -> None:
         raise CheckpointError(f"unknown timm ResNet {name!r}; valid: {', '.join(names)}")
 
 
-def timm_model(name: str, num_classes: int | None = None) -> nn.Module:
+def timm_model(name: str, num_classes: int | None = None, zero_init_last: bool = True) -> nn.Module:
     """A timm ResNet / ResNetV2 with random weights (``timm.create_model(name, pretrained=False)``).
+
+    Args:
+        name: one of ``timm_names()``.
+        num_classes: classifier outputs (``None``: timm's 1000).
+        zero_init_last: timm's default zeroes the last BN scale of every branch, so every F(x) is 0 and a
+            random net measures nothing; ``False`` keeps that BN at scale 1 (as torchvision's random ResNets).
 
     Raises:
         CheckpointError: timm is not installed, or ``name`` is not one of ``timm_names()``.
@@ -211,7 +227,7 @@ def timm_model(name: str, num_classes: int | None = None) -> nn.Module:
     check_timm_name(name)
     import timm  # optional dependency, needed only for timm models
     options = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(name, pretrained=False, **options)
+    return timm.create_model(name, pretrained=False, zero_init_last=zero_init_last, **options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,7 +325,7 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
         model = torchvision_model(name)
         return model.eval(), {"kind": "torchvision-random", "arch": name, "hparams": {}, "path": None}
     if isinstance(source, str) and source.startswith(TIMM_PREFIX):
-        model = timm_model(source[len(TIMM_PREFIX):])
+        model = timm_model(source[len(TIMM_PREFIX):], zero_init_last=False)  # a random F(x) that is not 0
         return model.eval(), {"kind": "timm-random", "arch": source, "hparams": {}, "path": None}
     if arch is not None and arch.startswith(TIMM_PREFIX):
         check_timm_name(arch[len(TIMM_PREFIX):])  # reported before the file is read
