@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in TRAIN_SUBCOMMANDS:
-        from .train.cli import cli_main
-        cli_main([command, *rest])
+        from .train.cli import RunDirError, cli_main
+        try:
+            cli_main([command, *rest])
+        except RunDirError as e:  # a user error, found before anything was written
+            print(f"resnet-probe {command}: {e}", file=sys.stderr)
+            return 2
         return 0
     if command in STUDIES:
         from .studies.command import main as study_main
