@@ -20,6 +20,8 @@ from resnet_probe.studies import similarity
 from resnet_probe.studies.command import main
 from resnet_probe.studies.inputs import StudyModel, Zoo
 
+pytestmark = pytest.mark.usefixtures("one_thread")    # small float64 matrices: see conftest.one_thread
+
 
 def _rng(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -284,3 +286,15 @@ def test_bad_settings_exit_2_in_one_line_before_any_run_folder(argv, message, tm
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_summaries_are_read_from_the_heat_maps(similarity_run):
+    blocks, summary = similarity_run.tables["cka_blocks"], similarity_run.tables["summary"]
+    grid = blocks[blocks["model"] == "plain-14"].pivot_table(index="block", columns="other_block",
+                                                             values="value").to_numpy()
+    got = summary[summary["model"] == "plain-14"].set_index("metric")["value"]
+    assert got["neighbour_cka"] == pytest.approx(np.mean([grid[i, i + 1] for i in range(5)]))
+    assert got["first_last_cka"] == pytest.approx(grid[0, 5])
+    assert got["later_half_cka"] == pytest.approx(np.mean([grid[i, j] for i in (3, 4, 5) for j in (3, 4, 5) if i != j]))
+    assert got["earlier_half_cka"] == pytest.approx(np.mean([grid[i, j] for i in (0, 1, 2) for j in (0, 1, 2)
+                                                             if i != j]))
