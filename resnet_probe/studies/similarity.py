@@ -15,12 +15,16 @@ number of images and any minibatch of 4 or more images gives a finite value.
 
 Where this departs from the papers. Kornblith et al. computed linear CKA on the whole evaluation set at
 once with the biased HSIC estimator; minibatch CKA of unbiased HSIC estimates the same population
-quantity without the biased estimator's bias of order 1/n (which does not average away over minibatches),
-so on the same images it differs from full-batch biased CKA by that bias, and by the variance of the
-minibatch average. Only block outputs
-are compared (not the layers inside the blocks, nor the stem and the pooled features). Pairs of nets are
-chosen by ``pairs``: nets of the same depth (CIFAR nets; other nets of the same architecture), all pairs,
-or none. The papers' nets were trained to convergence; the quick scale's nets are trained for minutes.
+quantity without that estimator's bias of order 1/n (which would not average away over minibatches), so
+on the same images it differs from full-batch biased CKA by that bias and by the variance of the
+minibatch average. Only block outputs are compared (not the layers inside the blocks, nor the stem and
+the pooled features). Pairs of nets are chosen by ``pairs``: nets of the same depth (CIFAR nets; other
+nets of the same architecture), all pairs, or none. The papers' nets were trained to convergence; the
+quick scale's nets are trained for minutes.
+
+Cost: each net is run over the images once together with every earlier net it is paired with (the
+analysis visits one net at a time, and keeping a net's per-minibatch Gram matrices for later would make
+memory grow with the images), so g paired nets of one depth take g(g+1)/2 passes.
 
 Inputs: model sources (project ``.ckpt`` files, ``train_zoo`` run folders, torchvision state_dict files,
 ``torchvision:ARCH`` or ``timm:NAME``). Without a model the study trains a plain and a residual net of the
