@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +111,105 @@ def pack_test_slice(pack_path):
     from resnet_probe.data import load_pack, normalize
     source = load_pack(pack_path, limit=1000, seed=1)
     return normalize(source.test_images), source.test_labels.long()
+
+
+# ---- where tests run: the CPU unless `pytest -m gpu`; compiling tests in a child process -------------
+# Tests marked `compiled` run torch.compile. Inductor's CPU code generation is broken under an
+# ATEN_CPU_CAPABILITY override (C++ compile errors, wrong values), so those tests run only with the
+# native capability; and it has corrupted the heap on some CPUs, so they run in one child process per
+# session (`pytest_pyfunc_call` below), where a crash fails the test that was running, not pytest.
+COMPILED_CHILD = "RESNET_PROBE_COMPILED_CHILD"  # in the child: the file it writes its reports to
+COMPILED_CHILD_TIMEOUT_S = 1800
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compiled: runs torch.compile (native CPU capability only; run in a "
+                                       "child process)")
+    gpu_run = re.search(r"(?<!not )\bgpu\b", config.option.markexpr or "")
+    if not gpu_run and COMPILED_CHILD not in os.environ:
+        # Unmarked tests stay on the CPU where CUDA exists (no bf16, no compilation by default); set
+        # before anything initialises CUDA, and inherited by the processes tests start.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    cpu_only = os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    override = os.environ.get("ATEN_CPU_CAPABILITY")
+    for item in items:
+        if cpu_only and item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="GPU tests run with `pytest -m gpu` (CUDA is hidden from "
+                                                    "the other tests)"))
+        if override and item.get_closest_marker("compiled"):
+            item.add_marker(pytest.mark.skip(reason=f"torch.compile runs only with the native CPU capability; "
+                                                    f"ATEN_CPU_CAPABILITY={override} overrides it"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A `compiled` test's call runs in the session's child process; its outcome is reported here."""
+    if COMPILED_CHILD in os.environ or pyfuncitem.get_closest_marker("compiled") is None:
+        return None
+    report = _compiled_reports(pyfuncitem.session, pyfuncitem.nodeid)
+    if report["outcome"] == "skipped":
+        pytest.skip(report["text"])
+    if report["outcome"] == "failed":
+        pytest.fail(f"in the child process running the compiled tests:\n{report['text']}", pytrace=False)
+    return True
+
+
+_REPORTS: dict[str, dict] = {}  # nodeid -> the outcome of its run in a child process
+
+
+def _compiled_reports(session, nodeid: str) -> dict:
+    """The outcome of ``nodeid`` from a child process that runs every compiled test not run yet;
+    after a crash, a new child runs the ones after the test that crashed."""
+    while nodeid not in _REPORTS:
+        pending = [i.nodeid for i in session.items
+                   if i.get_closest_marker("compiled") is not None and i.nodeid not in _REPORTS]
+        with tempfile.TemporaryDirectory(prefix="rp-compiled-") as tmp:
+            log = Path(tmp) / "reports.jsonl"
+            log.touch()
+            try:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pending],
+                                      cwd=session.config.rootpath, env={**os.environ, COMPILED_CHILD: str(log)},
+                                      capture_output=True, text=True, timeout=COMPILED_CHILD_TIMEOUT_S)
+                ended, output = f"exit status {proc.returncode}", proc.stdout + proc.stderr
+                if proc.returncode < 0:
+                    ended = f"signal {signal.Signals(-proc.returncode).name}"
+            except subprocess.TimeoutExpired as err:
+                ended, output = f"no result within {COMPILED_CHILD_TIMEOUT_S} s", f"{err.stdout or ''}"
+            lines = [json.loads(line) for line in log.read_text().splitlines()]
+        first_bad: dict[str, dict | None] = {}  # per test started: its first phase that did not pass
+        for r in lines:
+            if r["when"] == "start":
+                first_bad.setdefault(r["nodeid"], None)
+            elif r["outcome"] != "passed" and first_bad.get(r["nodeid"]) is None:
+                first_bad[r["nodeid"]] = r
+        finished = {r["nodeid"] for r in lines if r["when"] == "teardown"}
+        tail = "\n".join(output.splitlines()[-40:])
+        for test, bad in first_bad.items():
+            _REPORTS[test] = (bad or {"outcome": "passed", "text": ""}) if test in finished else {
+                "outcome": "failed", "text": f"the child process ended ({ended}) while this test ran: a crash "
+                                             f"in compiled code?\n{tail}"}
+        if not first_bad:  # it could not run them: report rather than try again
+            _REPORTS.update({test: {"outcome": "failed", "text": f"the child process ran none of the compiled "
+                                                                 f"tests ({ended}):\n{tail}"} for test in pending})
+    return _REPORTS[nodeid]
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if COMPILED_CHILD in os.environ:
+        _child_write({"nodeid": nodeid, "when": "start"})
+
+
+def pytest_runtest_logreport(report):
+    if COMPILED_CHILD in os.environ:
+        text = report.longreprtext if report.failed else (
+            report.longrepr[2].removeprefix("Skipped: ") if report.skipped and isinstance(report.longrepr, tuple)
+            else "")
+        _child_write({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text})
+
+
+def _child_write(record: dict) -> None:
+    with open(os.environ[COMPILED_CHILD], "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -134,6 +134,7 @@ def test_lesion_tables_agree_with_the_lesion_context_manager(lesion_run):
     assert set(attr["site"]) == set(err.index) and (attr["value"] >= 0).all()
 
 
+@pytest.mark.compiled
 def test_lesion_sweeps_on_the_compiled_network_give_the_eager_tables(lesion_run, tmp_path):
     """``--evaluation compiled`` (BN folded, blocks compiled) on the same checkpoint: same errors, losses to 1e-4."""
     from resnet_probe.studies.lesion import main

@@ -9,12 +9,10 @@ Definitions, per block and per optimisation step:
   output over the whole batch. Several backward passes before one ``record`` add up their squared
   norms.
 
-How the activation gradient is read: a CIFAR block (``has_gradient_tap``) is given a sink for its
-gradient tap (``resnet_probe.models.gradient_tap``), which measures it as part of the block's own
-graph, compiled or not. Any other block (torchvision's, or a CIFAR block whose tap another open
-session holds) gets a forward hook that registers a hook on its output tensor
-(``Tensor.register_hook``; module backward hooks break on in-place ops and are not used). Both
-compute the same sums.
+How the activation gradient is read: every block gets a gradient tap
+(``resnet_probe.models.gradient_tap``, the one mechanism, which says where the tap sits and what that
+means for compiled code): in a CIFAR block's own graph when its slot is free, else by a forward hook.
+The tap's sink is kept for the probe's lifetime, so re-arming reuses the same tensor.
 
 For a grouped network of S models side by side (``GroupedCifarNet``) both norms are taken per model:
 model ``s``'s share of a parameter is its ``s``-th slice along the first axis, and its share of a
@@ -25,13 +23,14 @@ per recorded step (S = 1 for an ordinary network) and is copied to the host only
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
 from torch import nn
 
 from ..models import BlockAnatomy
-from ..models.gradient_tap import has_gradient_tap, squared_norms_by_model
+from ..models.gradient_tap import Tap
 from .nonfinite import NonFiniteWatch
 from .stats import zeros
 
@@ -56,38 +55,24 @@ class GradientProbe:
         self.act_index = [watch.register(f"{b.name}.out (activation gradient)") for b in self.blocks]
         self.active = True
         self._act: torch.Tensor | None = None
-        self._sinks: dict[int, torch.Tensor] = {}  # block index -> the sink of its gradient tap
+        self.taps = [Tap(b.module, num_models) for b in self.blocks]
         self.history: list[tuple[int, torch.Tensor]] = []
         self._steps = 0
+        self._warned_untapped = False
 
     def hooks(self) -> list[tuple[nn.Module, str, object]]:
-        """``(module, "attach", fn)`` per block: ``fn()`` opens the block's gradient tap, or else
-        registers the output hook, and returns a handle whose ``remove()`` undoes it."""
-        return [(b.module, "attach", partial(self._attach, i)) for i, b in enumerate(self.blocks)]
+        """``(module, "attach", fn)`` per block: ``fn()`` opens the block's gradient tap and returns a
+        handle whose ``remove()`` closes it (what it measured is kept for the next ``record``)."""
+        return [(b.module, "attach", partial(self._open, i)) for i, b in enumerate(self.blocks)]
 
-    def _attach(self, i: int):
-        module = self.blocks[i].module
-        if not has_gradient_tap(module) or module.grad_sink is not None:
-            return module.register_forward_hook(partial(self._on_output, i))
-        param = next(module.parameters(), None)
-        dev = param.device if param is not None else torch.device("cpu")
-        sink = zeros(self.num_models, dev)
-        module.grad_sink = self._sinks[i] = sink.requires_grad_()
+    def _open(self, i: int) -> "_TapHandle":
+        self.taps[i].open()
         return _TapHandle(self, i)
 
     @property
     def tapped(self) -> list[bool]:
-        """Per block: whether its activation gradient is read by its gradient tap (else by a hook)."""
-        return [i in self._sinks for i in range(len(self.blocks))]
-
-    def _on_output(self, i: int, module, args, output) -> None:
-        if (self.active and isinstance(output, torch.Tensor)
-                and output.requires_grad and torch.is_grad_enabled()):
-            output.register_hook(partial(self._on_grad, i))
-
-    def _on_grad(self, i: int, grad: torch.Tensor) -> None:
-        if self.active:
-            self._add(i, squared_norms_by_model(grad.detach(), self.num_models))
+        """Per block: whether its tap sits in the block's own graph (else it is a hook, or closed)."""
+        return [t.in_block for t in self.taps]
 
     def _add(self, i: int, q: torch.Tensor) -> None:
         """Add block ``i``'s squared activation-gradient norms ``q`` (S,) to this step's sums."""
@@ -105,7 +90,7 @@ class GradientProbe:
         """
         if not self.active:
             raise RuntimeError("this probe session is closed")
-        self._drain(list(self._sinks.items()))
+        self._drain(range(len(self.blocks)))
         grads, per_block = [], []
         for ps in self.params:
             held = [p.grad.detach() for p in ps if p.grad is not None]
@@ -127,12 +112,24 @@ class GradientProbe:
         self.history.append((self._steps if step is None else int(step), entry))
         self._steps += 1
 
-    def _drain(self, sinks: list[tuple[int, torch.Tensor]]) -> None:
-        """Add what the gradient taps ``(block index, sink)`` measured to this step's sums; empty them."""
-        for i, sink in sorted(sinks, key=lambda item: item[0], reverse=True):  # backward order
-            if sink.grad is not None:
-                self._add(i, sink.grad.detach())
-                sink.grad = None
+    def _drain(self, indices) -> None:
+        """Add what the taps of blocks ``indices`` measured to this step's sums; empty their sinks.
+
+        An open tap that measured nothing in a step where its block's parameters got gradients was
+        skipped by the code that ran (a hook that compiled code traced before it was added): warned once.
+        """
+        for i in sorted(indices, reverse=True):  # backward order
+            tap = self.taps[i]
+            q = tap.take()
+            if q is not None:
+                self._add(i, q)
+            elif tap.is_open and not self._warned_untapped and any(p.grad is not None for p in self.params[i]):
+                self._warned_untapped = True
+                warnings.warn(f"the activation gradient of {self.blocks[i].name} was not measured although its "
+                              "parameters have gradients: the block ran torch.compile'd code traced before the "
+                              "probe's hook was added (compiled code keeps the hooks it was traced with). Run "
+                              "recording steps eagerly, e.g. under torch.compiler.set_stance(\"force_eager\")",
+                              UserWarning, stacklevel=3)
 
     def _squared_norms(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 norm of each gradient's share of each model, shape (parameters, S), float64."""
@@ -145,8 +142,8 @@ class GradientProbe:
         self.history.clear()
         self._act = None
         self._steps = 0
-        for sink in self._sinks.values():
-            sink.grad = None
+        for tap in self.taps:
+            tap.take()
 
     def reducible(self) -> list[torch.Tensor]:
         """Squared activation-gradient norms of every recorded step (summed over ranks by all_reduce).
@@ -176,16 +173,15 @@ class GradientProbe:
 
 
 class _TapHandle:
-    """Closes one block's gradient tap: its sink is taken off the block, what it measured is kept."""
+    """Closes one block's gradient tap; what it measured is kept for the next ``record``."""
 
     def __init__(self, probe: GradientProbe, index: int):
         self.probe, self.index = probe, index
 
     def remove(self) -> None:
-        sink = self.probe._sinks.pop(self.index, None)
-        if sink is None:
-            return
-        module = self.probe.blocks[self.index].module
-        if module.grad_sink is sink:
-            module.grad_sink = None
-        self.probe._drain([(self.index, sink)])  # what it measured stays for the next record
+        tap = self.probe.taps[self.index]
+        if tap.is_open:
+            tap.close()
+            q = tap.take()
+            if q is not None:
+                self.probe._add(self.index, q)
