@@ -117,7 +117,7 @@ def pack_test_slice(pack_path):
 # Tests marked `compiled` run torch.compile. Inductor's CPU code generation is broken under an
 # ATEN_CPU_CAPABILITY override (C++ compile errors, wrong values), so those tests run only with the
 # native capability; and it has corrupted the heap on some CPUs, so they run in one child process per
-# session (`pytest_pyfunc_call` below), where a crash fails the test that was running, not pytest.
+# session (`pytest_runtest_protocol` below), where a crash fails the test that was running, not pytest.
 COMPILED_CHILD = "RESNET_PROBE_COMPILED_CHILD"  # in the child: the file it writes its reports to
 COMPILED_CHILD_TIMEOUT_S = 1800
 
@@ -145,27 +145,39 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem):
-    """A `compiled` test's call runs in the session's child process; its outcome is reported here."""
-    if COMPILED_CHILD in os.environ or pyfuncitem.get_closest_marker("compiled") is None:
+def pytest_runtest_protocol(item, nextitem):
+    """A `compiled` test runs, fixtures and all, in the session's child process; its phases' reports
+    come back and are logged here as if it had run in this process."""
+    if COMPILED_CHILD in os.environ or item.get_closest_marker("compiled") is None:
         return None
-    report = _compiled_reports(pyfuncitem.session, pyfuncitem.nodeid)
-    if report["outcome"] == "skipped":
-        pytest.skip(report["text"])
-    if report["outcome"] == "failed":
-        pytest.fail(f"in the child process running the compiled tests:\n{report['text']}", pytrace=False)
+    skip = next((m for m in item.iter_markers("skip")), None)  # skips added above run nothing anywhere
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    phases = ([{"when": "setup", "outcome": "skipped", "text": skip.kwargs.get("reason", "")}] if skip
+              else _compiled_reports(item.session, item.nodeid))
+    for phase in phases:
+        skipped = phase["outcome"] == "skipped"
+        longrepr = (str(item.path), item.location[1] + 1, f"Skipped: {phase['text']}") if skipped else (
+            phase["text"] or None)
+        ihook.pytest_runtest_logreport(report=pytest.TestReport(
+            item.nodeid, item.location, {k: 1 for k in item.keywords}, phase["outcome"], longrepr, phase["when"],
+            duration=phase.get("duration", 0.0)))
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    # this process set nothing up for the test; tear down what the next test does not share, as
+    # pytest's own protocol would
+    item.session._setupstate.teardown_exact(nextitem)
     return True
 
 
-_REPORTS: dict[str, dict] = {}  # nodeid -> the outcome of its run in a child process
+_REPORTS: dict[str, list[dict]] = {}  # nodeid -> its phases' reports from a child process
 
 
-def _compiled_reports(session, nodeid: str) -> dict:
-    """The outcome of ``nodeid`` from a child process that runs every compiled test not run yet;
+def _compiled_reports(session, nodeid: str) -> list[dict]:
+    """The reports of ``nodeid`` from a child process that runs every compiled test not run yet;
     after a crash, a new child runs the ones after the test that crashed."""
     while nodeid not in _REPORTS:
-        pending = [i.nodeid for i in session.items
-                   if i.get_closest_marker("compiled") is not None and i.nodeid not in _REPORTS]
+        pending = [i.nodeid for i in session.items if i.get_closest_marker("compiled") is not None
+                   and not any(True for _ in i.iter_markers("skip")) and i.nodeid not in _REPORTS]
         with tempfile.TemporaryDirectory(prefix="rp-compiled-") as tmp:
             log = Path(tmp) / "reports.jsonl"
             log.touch()
@@ -179,21 +191,21 @@ def _compiled_reports(session, nodeid: str) -> dict:
             except subprocess.TimeoutExpired as err:
                 ended, output = f"no result within {COMPILED_CHILD_TIMEOUT_S} s", f"{err.stdout or ''}"
             lines = [json.loads(line) for line in log.read_text().splitlines()]
-        first_bad: dict[str, dict | None] = {}  # per test started: its first phase that did not pass
-        for r in lines:
-            if r["when"] == "start":
-                first_bad.setdefault(r["nodeid"], None)
-            elif r["outcome"] != "passed" and first_bad.get(r["nodeid"]) is None:
-                first_bad[r["nodeid"]] = r
-        finished = {r["nodeid"] for r in lines if r["when"] == "teardown"}
         tail = "\n".join(output.splitlines()[-40:])
-        for test, bad in first_bad.items():
-            _REPORTS[test] = (bad or {"outcome": "passed", "text": ""}) if test in finished else {
-                "outcome": "failed", "text": f"the child process ended ({ended}) while this test ran: a crash "
-                                             f"in compiled code?\n{tail}"}
-        if not first_bad:  # it could not run them: report rather than try again
-            _REPORTS.update({test: {"outcome": "failed", "text": f"the child process ran none of the compiled "
-                                                                 f"tests ({ended}):\n{tail}"} for test in pending})
+        phases: dict[str, list[dict]] = {}
+        for r in lines:
+            phases.setdefault(r["nodeid"], [])
+            if r["when"] != "start":
+                phases[r["nodeid"]].append(r)
+        for test, reports in phases.items():
+            if not any(r["when"] == "teardown" for r in reports):  # the child died while it ran
+                reports = [r for r in reports if r["when"] == "setup" and r["outcome"] == "passed"]
+                reports.append({"when": "call", "outcome": "failed", "text": f"the child process running the "
+                                f"compiled tests ended ({ended}) during this test: a crash in compiled code?\n{tail}"})
+            _REPORTS[test] = reports
+        if not phases:  # it could not run them: report rather than try again
+            _REPORTS.update({test: [{"when": "setup", "outcome": "failed", "text": f"the child process ran none "
+                                     f"of the compiled tests ({ended}):\n{tail}"}] for test in pending})
     return _REPORTS[nodeid]
 
 
@@ -207,7 +219,8 @@ def pytest_runtest_logreport(report):
         text = report.longreprtext if report.failed else (
             report.longrepr[2].removeprefix("Skipped: ") if report.skipped and isinstance(report.longrepr, tuple)
             else "")
-        _child_write({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text})
+        _child_write({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text,
+                      "duration": report.duration})
 
 
 def _child_write(record: dict) -> None:
