@@ -49,7 +49,7 @@ from benchmarks import inductor_cache
 from benchmarks.gpu_stages import STAGES, sizes
 from benchmarks.harness import environment
 from resnet_probe.atomic import atomic_write_text
-from resnet_probe.train.quick import quiet_lightning
+from resnet_probe.train.fit import quiet_lightning
 
 DEFAULT_LIMIT_S = 470  # a stage, compilation included; the machine's start and the transfers come on top
 RESULT_FILES_MAX = 8   # files a GPU machine gives back from its output folder

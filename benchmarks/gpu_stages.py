@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch._dynamo.utils import counters
 
@@ -39,6 +38,7 @@ from resnet_probe.data import CifarDataModule, default_pack_path, make_synthetic
 from resnet_probe.lesion import evaluate_deletion_sets
 from resnet_probe.models import anatomy, build_model, evaluation_model
 from resnet_probe.probes import probe
+from resnet_probe.train.fit import fit
 from resnet_probe.train.module import CifarClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,11 +347,8 @@ def science_rows(check) -> list[dict]:
         dm = CifarDataModule.from_source(source, batch_size=s["science_batch"], val_size=0, drop_last=True,
                                          gpu_resident=cuda, seed=0)
         module = CifarClassifier(family, depth, recipe="fast", max_steps=steps, seed=0, compile=False)
-        trainer = pl.Trainer(accelerator=check.device.type, devices=1, max_steps=steps, limit_val_batches=0,
-                             precision="bf16-mixed" if cuda else "32-true", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
+        trainer = fit(module, dm, device=check.device.type, progress=False, limit_val_batches=0)
         seconds = time.perf_counter() - start
         net = module.model.eval()
         with torch.no_grad(), probe(net, sites="*.branch") as session:

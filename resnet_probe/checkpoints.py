@@ -4,7 +4,7 @@
 tensors and plain containers but never calls arbitrary Python objects. A file that needs more than
 that (a pickled ``nn.Module``, or anything naming other globals) could run code of the file's
 author when unpickled, so it is refused; a user who trusts the file can pass ``allow_unsafe=True``
-(CLI: ``--allow-unsafe-load``). Files that are truncated, are not checkpoints, or do not fit any
+(CLI: ``--allow_unsafe_load``). Files that are truncated, are not checkpoints, or do not fit any
 known architecture raise ``CheckpointError`` naming the file and the mismatch.
 
 This module is plain PyTorch: it imports neither Lightning nor the training code.
@@ -34,7 +34,7 @@ _LAYOUTS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6,
             "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3)), "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3)),
             "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3)), "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3))}
 TORCHVISION_ARCHS = tuple(_LAYOUTS)
-UNSAFE_FLAG = "--allow-unsafe-load"
+UNSAFE_FLAG = "--allow_unsafe_load"
 
 
 class CheckpointError(ValueError):

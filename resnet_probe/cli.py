@@ -1,9 +1,10 @@
 """``resnet-probe``: the command-line entry point.
 
 Subcommands ``fit``, ``validate`` and ``test`` run LightningCLI (see
-``resnet_probe.train.cli``); ``report RUN_DIR`` rebuilds a run's report from its saved tables;
-``inspect FILE`` loads a checkpoint or torchvision state_dict safely and prints what it holds.
-Heavy imports happen inside each branch, so ``resnet-probe --help`` is quick.
+``resnet_probe.train.cli``); each study (``lesion``, ``response_std``, ..., ``quickstart``) runs with
+its own options (``resnet_probe.studies.command``); ``report RUN_DIR`` rebuilds a run's report from
+its saved tables; ``inspect FILE`` loads a checkpoint or torchvision state_dict safely and prints
+what it holds. Heavy imports happen inside each branch, so ``resnet-probe --help`` is quick.
 """
 from __future__ import annotations
 
@@ -11,12 +12,24 @@ import argparse
 import sys
 
 import resnet_probe
+from resnet_probe.studies import STUDIES
 
 TRAIN_SUBCOMMANDS = ("fit", "validate", "test")
+STUDY_HELP = {
+    "train_zoo": "train plain / highway / residual nets over depths and seeds (the other studies' input)",
+    "degradation": "training error against depth (He et al. 2016, Fig. 1/6)",
+    "response_std": "layer response std (He et al. 2016, Fig. 7) of any model",
+    "gradients": "per-block gradients during training",
+    "lesion": "delete and reorder blocks (Veit et al. 2016): resnet-probe lesion CHECKPOINT ...",
+    "paths": "gradient per path length and effective paths (Veit et al. 2016, Fig. 6)",
+    "highway": "highway gate statistics and gate closing (Srivastava et al. 2015)",
+    "quickstart": "train small nets, run every study, one report (what `make demo` runs)",
+}
 SUBCOMMANDS = {
     "fit": "train a CIFAR network (LightningCLI; resume with --ckpt_path last --run_dir RUN)",
     "validate": "evaluate a checkpoint on the validation split",
     "test": "evaluate a checkpoint on the test split",
+    **STUDY_HELP,
     "report": "rebuild a run folder's tables, figures and report: resnet-probe report RUN_DIR",
     "inspect": "load a checkpoint / torchvision state_dict safely and describe it",
 }
@@ -35,12 +48,15 @@ def usage() -> str:
 def inspect_main(argv: list[str]) -> int:
     """``resnet-probe inspect FILE``: kind, architecture, parameters and blocks of a model file."""
     from .checkpoints import TORCHVISION_ARCHS, CheckpointError, load_model
-    from .studies.options import add_load_arguments
     from .models import anatomy, count_parameters
 
     parser = argparse.ArgumentParser(prog="resnet-probe inspect", description=inspect_main.__doc__)
-    parser.add_argument("source", help="a .ckpt, a torchvision state_dict file, or torchvision:NAME")
-    add_load_arguments(parser, TORCHVISION_ARCHS)
+    parser.add_argument("source", help="a .ckpt, a torchvision state_dict file, torchvision:NAME or timm:NAME")
+    parser.add_argument("--arch", choices=TORCHVISION_ARCHS, default=None,
+                        help="torchvision architecture of state_dict files (default: inferred from the keys)")
+    parser.add_argument("--allow_unsafe_load", action="store_true",
+                        help="load files that need arbitrary unpickling; this can run code from the file, so only "
+                             "for files from a source you trust")
     args = parser.parse_args(argv)
     try:
         model, info = load_model(args.source, arch=args.arch, allow_unsafe=args.allow_unsafe_load)
@@ -69,9 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in TRAIN_SUBCOMMANDS:
-        from .train.cli import cli_main
-        cli_main([command, *rest])
+        from .train.cli import RunDirError, cli_main
+        try:
+            cli_main([command, *rest])
+        except RunDirError as e:  # a user error, found before anything was written
+            print(f"resnet-probe {command}: {e}", file=sys.stderr)
+            return 2
         return 0
+    if command in STUDIES:
+        from .studies.command import main as study_main
+        return study_main(command, rest)
     if command == "report":
         from .report import rebuild_main
         return int(rebuild_main(rest) or 0)

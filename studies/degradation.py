@@ -1,5 +1,5 @@
 #!/usr/bin/env python
 """He et al. Fig. 1/6: training and test error of plain vs residual nets at increasing depth."""
-from resnet_probe.studies.degradation import main
+from resnet_probe.studies.command import main
 
-raise SystemExit(0 if main() else 1)
+raise SystemExit(main("degradation"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
 """Highway study: transform-gate statistics per layer and the gate-closing lesion curve."""
-from resnet_probe.studies.highway import main
+from resnet_probe.studies.command import main
 
-raise SystemExit(0 if main() else 1)
+raise SystemExit(main("highway"))

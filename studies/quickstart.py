@@ -1,5 +1,5 @@
 #!/usr/bin/env python
 """make demo: train small plain / highway / residual nets, run every study, one combined report."""
-from resnet_probe.studies.quickstart import main
+from resnet_probe.studies.command import main
 
-raise SystemExit(0 if main() else 1)
+raise SystemExit(main("quickstart"))

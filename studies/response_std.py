@@ -1,5 +1,5 @@
 #!/usr/bin/env python
 """He et al. Fig. 7: per-layer response std of trained nets, in network order and sorted."""
-from resnet_probe.studies.response_std import main
+from resnet_probe.studies.command import main
 
-raise SystemExit(0 if main() else 1)
+raise SystemExit(main("response_std"))

@@ -113,6 +113,54 @@ def pack_test_slice(pack_path):
     return normalize(source.test_images), source.test_labels.long()
 
 
+# ---- a tiny zoo and its data, shared by the study tests ---------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_data():
+    """The synthetic data spec the study tests run on, loaded at the tiny zoo's size."""
+    from resnet_probe.studies.inputs import load_data
+    return load_data("synthetic", n_train=192, n_test=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory, tiny_data):
+    """``train_zoo`` at the tiny scale: plain-8/14, highway-14, residual-8/14, two optimizer steps each."""
+    from resnet_probe.studies import train_zoo
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_zoo.run(train_zoo.ZooSettings.tiny(), tiny_data, out=tmp_path_factory.mktemp("zoo"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_report(run_dir, expected_tables=(), synthetic: bool = True) -> None:
+    """A complete run with the tables, a valid PNG per figure embedded once in report.html, tidy tables."""
+    import base64
+    import re
+
+    from PIL import Image
+
+    from resnet_probe.report import open_run
+    run = open_run(run_dir)
+    assert run.state == "complete"
+    assert set(expected_tables) <= set(run.tables), set(run.tables)
+    html = (run.path / "report.html").read_text()
+    assert ("SYNTHETIC DATA" in html) == synthetic
+    assert run.figures
+    for fig in run.figures:
+        png = run.path / "figures" / f"{fig['name']}.png"
+        with Image.open(png) as im:
+            im.verify()
+            assert im.size[0] > 100 and im.size[1] > 100
+        embedded = re.search(rf'<figure id="fig-{re.escape(fig["name"])}"><img src="data:image/png;base64,([^"]+)"',
+                             html)
+        assert embedded, fig["name"]
+        assert base64.b64decode(embedded[1]) == png.read_bytes()
+    for name in run.tables:
+        assert len(run.table(name)) > 0
+        assert {"run", "seed", "model", "site", "metric", "value"} <= set(run.table(name).columns)
+
+
 # ---- where tests run: the CPU unless `pytest -m gpu`; compiling tests in a child process -------------
 # Tests marked `compiled` run torch.compile. Inductor's CPU code generation is broken under an
 # ATEN_CPU_CAPABILITY override (C++ compile errors, wrong values), so those tests run only with the

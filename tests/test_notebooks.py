@@ -1,11 +1,13 @@
-"""The notebooks open cleanly in JupyterLab and run top to bottom on run folders made here.
+"""The notebooks open cleanly in JupyterLab and run top to bottom on the runs ``make demo`` writes.
 
-The run folders come from the studies at a tiny size (nets trained for two steps on synthetic
-images); every notebook is executed with nbclient on the ``python3`` kernel and must finish without
-a cell error. Notebooks only read runs: none of them trains.
+The run folders come from the quickstart at the tiny scale (nets trained for two steps) on the CIFAR-10
+JPEG pack when it is here (synthetic images only when it is not), written under ``runs/`` as ``make
+demo`` writes them; every notebook is executed with nbclient on the ``python3`` kernel and must finish
+without a cell error. Notebooks only read runs: none of them trains.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -14,30 +16,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 REQUIRED = {"lesion_run", "response_std_depths", "torchvision_probes"}
-LESION_TINY = ["--k-max", "2", "--n-sets", "2", "--k-swaps", "1", "--n-resamples", "20", "--set", "reorder_sets=2",
-               "--set", "attribution_examples=8", "--set", "attribution_methods=('gradient_x_activation',)"]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder with ``runs/lesion/<id>`` and ``runs/response_std/<id>`` made from tiny trained nets."""
-    from resnet_probe.data import CifarDataModule, make_synthetic
-    from resnet_probe.studies import lesion, response_std
-    from resnet_probe.train.quick import train_quick
+    """A folder whose ``runs/`` holds a tiny quickstart: a train_zoo run and one run of every study."""
+    from resnet_probe.data import default_pack_path
+    from resnet_probe.studies import quickstart
+    from resnet_probe.studies.inputs import load_data
+    from resnet_probe.studies.train_zoo import ZooSettings
 
     root = tmp_path_factory.mktemp("notebook_work")
-    source = make_synthetic(192, 32, seed=0)
-    ckpts = {}
-    for family, depth in (("residual", 8), ("residual", 14)):
-        dm = CifarDataModule.from_source(source, batch_size=64, val_size=64, train_limit=128, augment=False)
-        out = root / "nets" / f"{family}-{depth}"
-        train_quick(family, depth, data=dm, epochs=1, out_dir=out)
-        ckpts[(family, depth)] = str(out / "checkpoints" / "last.ckpt")
-    runs = str(root / "runs")
-    common = ["--data", "synthetic", "--n-examples", "32", "--out", runs]
-    response = response_std.main([*ckpts.values(), *common])
-    lesion_run = lesion.main([ckpts[("residual", 14)], *common, *LESION_TINY])
-    return {"root": root, "response_std": response, "lesion": lesion_run}
+    env = os.environ.get("RESNET_PROBE_DATA")
+    pack = Path(env) if env and Path(env).is_file() else default_pack_path()
+    spec = f"pack={pack}" if pack is not None else "synthetic"
+    data = load_data(spec, n_train=192, n_test=64)
+    quickstart.run(quickstart.QuickstartSettings.tiny(), None, data, out=root / "runs", train=ZooSettings.tiny(),
+                   scale="tiny")
+    return {"root": root, "synthetic": pack is None,
+            "lesion": max((root / "runs" / "lesion").iterdir())}
 
 
 def test_the_required_notebooks_exist():
@@ -61,13 +58,7 @@ def test_notebook_is_clean_nbformat4_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_on_tiny_runs(path, workdir, monkeypatch):
     from nbclient import NotebookClient
-    # lesion_run finds the newest run under runs/ by itself; the others are pointed at a run
-    if path.stem == "response_std_depths":
-        monkeypatch.setenv("RESNET_PROBE_RUN", str(workdir["response_std"]))
-    elif path.stem == "torchvision_probes":
-        monkeypatch.setenv("RESNET_PROBE_RUN", str(workdir["lesion"]))
-    else:
-        monkeypatch.delenv("RESNET_PROBE_RUN", raising=False)
+    monkeypatch.delenv("RESNET_PROBE_RUN", raising=False)       # each finds the newest run under runs/
     monkeypatch.delenv("RESNET_PROBE_WEIGHTS", raising=False)
     monkeypatch.delenv("RESNET_PROBE_IMAGEFOLDER", raising=False)
     nb = nbformat.read(path, as_version=4)
@@ -77,4 +68,5 @@ def test_notebook_executes_on_tiny_runs(path, workdir, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if path.stem == "lesion_run":
         assert workdir["lesion"].name in text     # the newest lesion run under runs/
-        assert "without stage" in text          # the by-hand deletion ran
+        assert "without stage" in text          # the by-hand deletion ran, on the run's own data
+        assert ("SYNTHETIC" in text) == workdir["synthetic"]

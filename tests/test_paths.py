@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from resnet_probe.models import anatomy, build_model
-from resnet_probe.paths import (effective_paths, exact_path_magnitudes, path_gradient_stack,
+from resnet_probe.paths import (effective_paths, net_gradient_by_length, path_gradient_stack,
                                 path_length_distribution, sampled_path_gradients,
                                 sampled_path_magnitudes, single_path_gradients)
 
@@ -137,16 +137,57 @@ def test_sampled_magnitudes_agree_with_the_enumeration_within_sampling_error():
         assert abs(row["per_path_magnitude"] - enumerated.mean()) < 4 * enumerated.std() / np.sqrt(200)
 
 
-def test_exact_magnitudes_weigh_per_path_magnitude_by_the_distribution():
+def test_net_gradient_is_the_norm_of_the_stack_entry():
     model = _net(depth=14)
     x, y = _data()
     stack = path_gradient_stack(model, x, y)
-    table = exact_path_magnitudes(stack)
-    n = stack.shape[0] - 1
+    table = net_gradient_by_length(stack)
     norms = stack.flatten(2).norm(dim=-1).mean(1).numpy()
-    np.testing.assert_allclose(table["gradient_norm"], norms, rtol=1e-12)
-    np.testing.assert_allclose(table["total_magnitude"], norms / 2 ** n, rtol=1e-12)
-    assert table["share"].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(table["net_gradient_norm"], norms, rtol=1e-12)
+    assert table["net_share"].sum() == pytest.approx(1.0)
+
+
+def _veit_total_and_net(model, x, y):
+    """Per length k: C(n, k) x the mean single-path magnitude over ALL length-k paths (Veit's total, enumerated)
+    and ||G[k]|| of the exact stack, per image averaged over the images."""
+    n = len(anatomy(model).blocks)
+    net = path_gradient_stack(model, x, y).flatten(2).norm(dim=-1).mean(1).numpy()
+    veit = []
+    for k in range(n + 1):
+        subsets = [list(s) for s in itertools.combinations(range(n), k)]
+        paths = single_path_gradients(model, x, y, subsets)                  # (C(n, k), B, ...)
+        veit.append(paths.flatten(2).norm(dim=-1).sum(0).mean().item())    # = C(n, k) x mean magnitude
+    return np.array(veit), net
+
+
+def _linear_preact_net():
+    """A pre-activation net whose branches act as positive multiples of the shortcut map: identity 3x3 taps,
+    BN biases large enough that every ReLU passes, so each path's gradient is a positive multiple of the
+    same vector and no two paths can cancel."""
+    model = _net("preact", depth=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.zero_()
+                for c in range(min(m.in_channels, m.out_channels)):
+                    m.weight[c, c, 1, 1] = 0.5 if m.kernel_size == (3, 3) else 1.0
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                m.weight.fill_(0.8)
+                m.bias.fill_(1e3)
+    return model
+
+
+def test_veits_total_equals_the_net_gradient_only_where_paths_cannot_cancel():
+    """||G[k]|| = ||sum_A g_A|| <= sum_A ||g_A|| (Veit's total): equal on a net whose path gradients all point
+    the same way, strictly smaller on a trained-like net where they cancel."""
+    x, y = _data(n=2, size=8)
+    veit, net = _veit_total_and_net(_linear_preact_net(), x, y)
+    np.testing.assert_allclose(net, veit, rtol=1e-9)
+    veit, net = _veit_total_and_net(_net("residual", depth=8), x, y)
+    assert (net <= veit * (1 + 1e-12)).all()
+    assert (net[1:-1] < 0.95 * veit[1:-1]).any()                           # cancellation between paths
 
 
 def test_effective_paths_is_the_shortest_band_holding_the_mass():

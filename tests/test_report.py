@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from importlib import metadata
 from pathlib import Path
 
@@ -250,6 +251,77 @@ def test_bad_figure_specs_are_refused_naming_the_valid_choices(tmp_path):
     with pytest.raises(KeyError, match="no table 'u'"):
         run.add_figure("f", "line", "u", x="step")
     assert run.figures == []
+
+
+class HtmlTree(HTMLParser):
+    """An HTML fragment as nested ``(tag, href, children)`` tuples; text nodes stripped, inner whitespace collapsed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = [("root", None, [])]
+
+    def handle_starttag(self, tag, attrs):
+        node = (tag, dict(attrs).get("href"), [])
+        self.stack[-1][2].append(node)
+        if tag not in ("img", "br", "hr"):
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        if tag not in ("img", "br", "hr"):
+            assert self.stack.pop()[0] == tag
+
+    def handle_data(self, data):
+        text = re.sub(r"\s+", " ", data).strip()
+        if text:
+            self.stack[-1][2].append(text)
+
+    @classmethod
+    def of(cls, fragment: str) -> list:
+        parser = cls()
+        parser.feed(fragment)
+        parser.close()
+        return parser.stack[0][2]
+
+
+def _(tag, *children, href=None):
+    return (tag, href, list(children))
+
+
+def section_html(html: str, title: str) -> str:
+    start = html.index(f"<h2>{title}</h2>") + len(f"<h2>{title}</h2>")
+    return html[start:html.index("<h2>", start)]
+
+
+def test_study_markdown_renders_tables_code_emphasis_lists_and_links(tmp_path):
+    run = new_run("demo", out=tmp_path)
+    run.add_table("t", pd.DataFrame({"metric": ["m"], "value": [1.0]}))
+    run.add_text("Constructs", "Error is **lower** for `resnet-56`, *as* in "
+                 "[He et al.](https://arxiv.org/abs/1512.03385).\n\n"
+                 "| model | error |\n|---|---|\n| plain-56 | 13.0 % |\n| `residual-56` | 6.97 % |\n\n"
+                 "- one\n- two with _emphasis_\n\n1. first\n2. second\n\n```\nx < y\n```")
+    html = run.finish().read_text()
+    row = lambda tag, a, b: _("tr", _(tag, a), _(tag, b))  # noqa: E731
+    assert HtmlTree.of(section_html(html, "Constructs")) == [
+        _("p", "Error is", _("strong", "lower"), "for", _("code", "resnet-56"), ",", _("em", "as"), "in",
+          _("a", "He et al.", href="https://arxiv.org/abs/1512.03385"), "."),
+        _("table", _("thead", row("th", "model", "error")),
+          _("tbody", row("td", "plain-56", "13.0 %"), _("tr", _("td", _("code", "residual-56")), _("td", "6.97 %")))),
+        _("ul", _("li", "one"), _("li", "two with", _("em", "emphasis"))),
+        _("ol", _("li", "first"), _("li", "second")),
+        _("pre", _("code", "x < y")),
+    ]
+
+
+def test_html_in_study_texts_is_shown_as_text_and_never_runs(tmp_path):
+    attack = "<script>alert(1)</script> <img src=x onerror=alert(2)> [click](javascript:alert(3))"
+    run = new_run("demo", out=tmp_path, title="<script>alert(4)</script>")
+    run.add_table("t", pd.DataFrame({"metric": ["m", "m"], "value": [1.0, 2.0], "step": [0, 1]}))
+    run.add_text("Attack", attack)
+    run.add_headline(attack)
+    run.add_figure("f", "line", "t", x="step", caption=attack)
+    html = run.finish().read_text()
+    assert "<script" not in html and "<img src=x" not in html and 'href="javascript' not in html
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3 and "&lt;script&gt;alert(4)" in html
 
 
 # ---- rebuild ----------------------------------------------------------------------------------

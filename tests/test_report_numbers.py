@@ -13,7 +13,6 @@ from scipy import stats
 from resnet_probe.atomic import atomic_path, atomic_write_bytes, atomic_write_csv, atomic_write_text
 from resnet_probe.report import format_ci, format_mean_std, mean_ci, summarise_over_seeds
 from resnet_probe.report.figure_kinds import aggregate
-from resnet_probe.report.markdown_html import markdown_to_html
 
 
 def test_summarise_over_seeds_agrees_with_numpy_and_scipy():
@@ -94,12 +93,3 @@ def test_atomic_writes_give_complete_files_with_the_usual_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.md").stat().st_mode) == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.bin", "c.csv.gz"]
-
-
-def test_study_markdown_renders_to_escaped_html():
-    html = markdown_to_html("## Result\n\nError is **lower** for `resnet-56` <b>\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
-                            "- one\n- two\n\n```\nx < y\n```")
-    assert "<h2>Result</h2>" in html and "<strong>lower</strong>" in html and "<code>resnet-56</code>" in html
-    assert "&lt;b&gt;" in html and "<b>" not in html
-    assert "<th>a</th><th>b</th>" in html and "<td>1</td><td>2</td>" in html
-    assert "<ul><li>one</li><li>two</li></ul>" in html and "<pre><code>x &lt; y</code></pre>" in html

@@ -1,228 +1,174 @@
-"""The analysis studies (lesion, paths, highway) and their ImageNet inputs, end to end at a tiny size.
+"""The analysis studies (lesion, paths, highway) and their ImageNet inputs, end to end at the tiny scale.
 
-Each study runs once per module on synthetic data with nets trained for a few steps; the tests read
-its run folder and check the tables against independent computations (the lesion context manager,
-the gate modules, the binomial distribution, autograd), the figures and the report.
+Each study runs once per module on the tiny zoo's nets (synthetic data); the tests check its tables
+against independent computations (explicit forwards, the gate modules, the binomial distribution,
+autograd) and its report.
 """
 from __future__ import annotations
 
-import base64
 import re
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import check_report
 from PIL import Image
 from scipy import stats
 
+from resnet_probe.models import anatomy
 from resnet_probe.report import open_run
+from resnet_probe.studies import highway, lesion, paths
+from resnet_probe.studies.inputs import Zoo, load_models
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_TINY = ["--data", "synthetic", "--epochs", "1", "--train-limit", "128", "--set", "val_size=64"]
-LESION_TINY = ["--k-max", "2", "--n-sets", "2", "--k-swaps", "1", "--n-resamples", "20", "--set", "reorder_sets=2",
-               "--set", "attribution_examples=8", "--set", "attribution_methods=('gradient_x_activation',)"]
-
-
-def _eval_data(study: str, argv: list[str]):
-    """The evaluation images a study used, rebuilt from its arguments."""
-    import importlib
-    from resnet_probe.studies.analysis_inputs import evaluation_data
-    from resnet_probe.studies.options import scale_settings
-    mod = importlib.import_module(f"resnet_probe.studies.{study}")
-    args = mod.build_parser().parse_args(argv)
-    return evaluation_data(args, scale_settings(args, mod.QUICK, mod.PAPER))
-
-
-def _trained_model(run, name: str):
-    from resnet_probe.checkpoints import load_model
-    models = run.table("models")
-    ckpt = models.loc[models["model"] == name, "checkpoint"].iloc[0]
-    return load_model(run.path / ckpt)[0]
-
-
-def check_report(run_dir: Path, expected_tables: set[str]) -> None:
-    """Complete run, the tables, a valid non-empty PNG per figure, each embedded in report.html."""
-    run = open_run(run_dir)
-    assert run.state == "complete"
-    assert expected_tables <= set(run.tables), set(run.tables)
-    html = (run_dir / "report.html").read_text()
-    assert run.figures
-    for fig in run.figures:
-        png = run_dir / "figures" / f"{fig['name']}.png"
-        with Image.open(png) as im:
-            im.verify()
-            assert im.size[0] > 100 and im.size[1] > 100
-        embedded = re.search(rf'<figure id="fig-{re.escape(fig["name"])}"><img src="data:image/png;base64,([^"]+)"',
-                             html)
-        assert embedded, fig["name"]
-        assert base64.b64decode(embedded[1]) == png.read_bytes()
-    for name in run.tables:
-        assert len(run.table(name)) > 0
-        assert {"run", "seed", "model", "site", "metric", "value"} <= set(run.table(name).columns)
+LESION_TINY = lesion.LesionSettings(n_examples=48, batch_size=64, k_max=2, n_sets=2, k_swaps=(1,), reorder_sets=2,
+                                    n_resamples=20, attribution_examples=8,
+                                    attribution_methods=("gradient_x_activation",), attribution_steps=4)
 
 
 @pytest.fixture(scope="module")
-def lesion_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    argv = [*TRAIN_TINY, "--families", "residual", "--depth", "14", "--n-examples", "48", *LESION_TINY,
-            "--out", str(out)]
-    from resnet_probe.studies.lesion import main
-    return main(argv), argv
+def lesion_run(tiny_zoo, tiny_data, tmp_path_factory):
+    """The lesion study on the tiny zoo's plain-14 and residual-14."""
+    models = [m for m in tiny_zoo.zoo.models if m.depth == 14 and m.family in ("plain", "residual")]
+    return lesion.run(LESION_TINY, Zoo(models), tiny_data, out=tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")
-def highway_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    argv = [*TRAIN_TINY, "--depth", "8", "--n-examples", "32", "--set", "stat_batch=16", "--set", "n_resamples=20",
-            "--out", str(out)]
-    from resnet_probe.studies.highway import main
-    return main(argv), argv
+def highway_run(tiny_zoo, tiny_data, tmp_path_factory):
+    s = highway.HighwaySettings(n_examples=32, stat_batch=16, batch_size=32, n_resamples=20)
+    return highway.run(s, Zoo(tiny_zoo.zoo.of(["highway"])), tiny_data, out=tmp_path_factory.mktemp("runs"))
 
 
-@pytest.mark.parametrize("script", ["lesion", "paths", "highway"])
-def test_every_script_answers_help(script, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [f"studies/{script}.py", "--help"])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(ROOT / "studies" / f"{script}.py"), run_name="__main__")
-    assert exit_.value.code == 0
-    assert "--scale" in capsys.readouterr().out
+def _model(result, name: str):
+    return next(m.model for m in result.zoo.models if m.name == name)
 
 
-def test_paper_scale_is_the_papers_setting_and_explicit_options_win():
-    from resnet_probe.studies import highway, lesion, paths
-    from resnet_probe.studies.options import scale_settings
-
-    def settings(mod, argv):
-        args = mod.build_parser().parse_args(argv)
-        return scale_settings(args, mod.QUICK, mod.PAPER)
-
-    s = settings(lesion, ["--scale", "paper"])
-    assert (s["depth"], s["k_max"], s["n_sets"], s["n_examples"], s["recipe"]) == (110, 20, 100, 10_000, "paper")
-    assert set(s["attribution_methods"]) == {"gradient_x_activation", "integrated_gradients", "conductance"}
-    assert settings(lesion, ["--scale", "paper", "--k-max", "5", "--mode", "shortcut_only"])["k_max"] == 5
-    assert (s["evaluation"], settings(lesion, [])["evaluation"]) == ("compiled", "eager")
-    p = settings(paths, ["--scale", "paper"])
-    assert (p["depth"], p["n_samples"]) == (110, 1000)          # Veit et al.: ResNet-110, 1,000 paths per length
-    assert settings(paths, ["--scale", "paper", "--set", "n_samples=3"])["n_samples"] == 3
-    assert settings(highway, ["--scale", "paper"])["families"] == ("highway",)
+def _errors(model, x, y) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(x).argmax(-1) != y).double().mean().item()
 
 
-def test_lesion_tables_agree_with_the_lesion_context_manager(lesion_run):
-    from resnet_probe.lesion import lesion
-    run_dir, argv = lesion_run
-    check_report(run_dir, {"models", "single_block", "k_random", "reorder", "attribution", "block_importance",
-                           "importance_pairs"})
-    run = open_run(run_dir)
-    single, krand = run.table("single_block"), run.table("k_random")
-    err = single[single["metric"] == "error_percent"].set_index("site")["value"]
-    inc = single[single["metric"] == "error_increase_pp"].set_index("site")["value"]
-    intact = krand[(krand["k"] == 0) & (krand["metric"] == "error_percent")]["value"]
-    assert np.allclose(intact, intact.iloc[0])
-    assert np.allclose(err - inc, intact.iloc[0])                 # paired increase over the same images
-    assert single.loc[single["site"] == "stage2.block1", "downsampling"].all()
-    data = _eval_data("lesion", argv)
-    model = _trained_model(run, "residual-14")
-    for block in ("stage1.block2", "stage3.block1"):
-        with torch.no_grad(), lesion(model, blocks=[block]):
-            wrong = (model(data.images).argmax(-1) != data.labels).double().mean().item()
-        assert err[block] == pytest.approx(100 * wrong)
-    attr = run.table("attribution")
-    assert set(attr["site"]) == set(err.index) and (attr["value"] >= 0).all()
+def test_lesion_tables_agree_with_explicit_deletions(lesion_run, tiny_data):
+    """Each single-block error equals the error of the net with that block's output replaced by ReLU(S(x))."""
+    check_report(lesion_run.path, {"models", "single_block", "k_random", "reorder", "attribution",
+                                   "block_importance", "importance_pairs", "deletion_per_image"})
+    single = lesion_run.tables["single_block"]
+    res = single[single["model"] == "residual-14"]
+    err = res[res["metric"] == "error_percent"].set_index("site")["value"]
+    inc = res[res["metric"] == "error_increase_pp"].set_index("site")["value"]
+    krand = lesion_run.tables["k_random"]
+    intact = krand[(krand["model"] == "residual-14") & (krand["k"] == 0) & (krand["metric"] == "error_percent")]
+    assert np.allclose(err - inc, intact["value"].iloc[0])          # paired increase over the same images
+    x, y = tiny_data.evaluation(48, 0, "lesion")
+    model = _model(lesion_run, "residual-14")
+    anat = anatomy(model)
+    for name in ("stage1.block2", "stage3.block1"):
+        h = anat.stem(x)
+        with torch.no_grad():
+            for b in anat.blocks:
+                h = torch.relu(b.shortcut(h)) if b.name == name else b.module(h)
+            wrong = 100.0 * (anat.head(h).argmax(-1) != y).double().mean().item()
+        assert err[name] == pytest.approx(wrong)
+    per_image = lesion_run.tables["deletion_per_image"]
+    mean_row = res[res["metric"] == "mean_error_increase_pp"]["value"].iloc[0]
+    assert per_image[per_image["model"] == "residual-14"]["value"].mean() == pytest.approx(mean_row)
+    identity = res[(res["metric"] == "error_increase_pp") & ~res["downsampling"]]["value"]
+    assert identity.mean() == pytest.approx(mean_row)                # the mean over identity-shortcut blocks
 
 
-@pytest.mark.compiled
-def test_lesion_sweeps_on_the_compiled_network_give_the_eager_tables(lesion_run, tmp_path):
-    """``--evaluation compiled`` (BN folded, blocks compiled) on the same checkpoint: same errors, losses to 1e-4."""
-    from resnet_probe.studies.lesion import main
-    run_dir, argv = lesion_run
-    run = open_run(run_dir)
-    ckpt = str(run.path / run.table("models")["checkpoint"].iloc[0])
-    fast = open_run(main([ckpt, "--data", "synthetic", "--n-examples", "48", *LESION_TINY, "--set",
-                          "attribution_methods=()", "--evaluation", "compiled", "--out", str(tmp_path)]))
-    assert fast.provenance["config"]["evaluation"] == "compiled"
-    for name in ("single_block", "k_random", "reorder"):
-        keys = [c for c in ("site", "k", "set", "k_swaps", "metric") if c in run.table(name).columns]
-        eager = run.table(name).set_index(keys)["value"].sort_index()
-        compiled = fast.table(name).set_index(keys)["value"].sort_index()
-        assert compiled.index.equals(eager.index)
-        is_error = eager.index.get_level_values("metric").str.startswith("error")
-        assert np.array_equal(compiled[is_error], eager[is_error]), name
-        assert np.allclose(compiled[~is_error], eager[~is_error], rtol=1e-4, atol=1e-6), name
+def test_a_plain_net_keeps_its_stage_change_blocks_and_random_sets_skip_downsampling(lesion_run):
+    """Deleting a plain block at a stage change would insert a shortcut the net never had: not deleted.
+    Random k-sets draw from the identity-shortcut blocks only (the default), as Veit et al. deleted."""
+    single = lesion_run.tables["single_block"]
+    plain = single[(single["model"] == "plain-14") & (single["metric"] == "error_percent")]
+    residual = single[(single["model"] == "residual-14") & (single["metric"] == "error_percent")]
+    assert not plain["downsampling"].any() and len(plain) == 4      # 6 blocks, 2 at stage changes
+    assert residual["downsampling"].sum() == 2 and len(residual) == 6
+    krand = lesion_run.tables["k_random"]
+    deleted = krand.loc[krand["k"] > 0, "deleted"].str.split("+").explode()
+    assert set(deleted) <= {"stage1.block1", "stage1.block2", "stage2.block2", "stage3.block2"}
+    assert (krand["drawn_from"] == "non_downsampling").all()
 
 
-def test_paths_stack_sums_to_autograd_and_lengths_are_binomial(lesion_run, tmp_path):
-    from resnet_probe.studies.paths import main
-    ckpt = open_run(lesion_run[0]).path / open_run(lesion_run[0]).table("models")["checkpoint"].iloc[0]
-    run_dir = main([str(ckpt), "--data", "synthetic", "--n-examples", "8", "--n-samples", "3", "--out", str(tmp_path)])
-    check_report(run_dir, {"distribution", "path_gradients", "path_samples", "effective_paths"})
-    run = open_run(run_dir)
-    dist = run.table("distribution")
+def test_random_sets_can_draw_from_every_block(tiny_zoo, tiny_data, tmp_path):
+    from dataclasses import replace
+    s = replace(LESION_TINY, k_random_blocks="all", k_max=6, n_sets=3, attribution_methods=())
+    model = [m for m in tiny_zoo.zoo.models if m.name == "residual-14"]
+    result = lesion.run(s, Zoo(model), tiny_data, out=tmp_path)
+    krand = result.tables["k_random"]
+    assert krand["k"].max() == 6 and (krand["drawn_from"] == "all").all()
+
+
+def test_a_plain_net_deeper_than_20_layers_is_labelled_degraded():
+    from resnet_probe.studies.lesion_report import role
+    assert role("plain", 20) == "plain comparison"
+    assert "degraded" in role("plain", 56) and role("residual", 110) == "residual"
+
+
+def test_paths_study_separates_veits_sampled_total_from_the_exact_net_gradient(tiny_zoo, tiny_data, tmp_path):
+    s = paths.PathsSettings(n_examples=8, exact_batch=8, n_samples=3, sets_per_pass=8, n_resamples=20)
+    result = paths.run(s, Zoo(tiny_zoo.zoo.of(["residual"])[-1:]), tiny_data, out=tmp_path)
+    check_report(result.path, {"distribution", "path_gradients", "path_samples", "effective_paths"})
+    dist = result.tables["distribution"]
     n = int(dist["path_length"].max())
-    assert n == 6
-    assert np.allclose(dist["value"], stats.binom.pmf(np.arange(n + 1), n, 0.5))
-    bands = run.table("effective_paths").set_index(["estimator", "metric"])["value"]
+    assert n == 6 and np.allclose(dist["value"], stats.binom.pmf(np.arange(n + 1), n, 0.5))
+    bands = result.tables["effective_paths"].set_index(["estimator", "metric"])["value"]
     assert bands[("exact", "stack_sum_rel_error")] < 1e-4
     for est in ("exact", "sampled"):
         assert 0 <= bands[(est, "band_lo")] <= bands[(est, "band_hi")] <= n and bands[(est, "band_share")] >= 0.9
-    grads = run.table("path_gradients")
-    share = grads[grads["metric"] == "share"].groupby("estimator")["value"].sum()
-    assert np.allclose(share, 1.0)
-    exact = grads[(grads["estimator"] == "exact")].pivot_table(index="path_length", columns="metric", values="value")
-    assert np.allclose(exact["per_path_magnitude"] * exact.index.map(lambda k: stats.binom.pmf(k, n, 0.5) * 2 ** n),
-                       exact["gradient_norm"])
+    grads = result.tables["path_gradients"]
+    sampled = grads[grads["estimator"] == "sampled"].pivot_table(index="path_length", columns="metric",
+                                                                 values="value")
+    n_paths = np.array([stats.binom.pmf(k, n, 0.5) * 2 ** n for k in sampled.index])
+    assert np.allclose(sampled["total_magnitude"], n_paths * sampled["per_path_magnitude"])   # Veit, Fig. 6c
+    exact = grads[grads["estimator"] == "exact"]
+    assert set(exact["metric"]) == {"net_gradient_norm", "net_share"}
+    assert np.isclose(exact.loc[exact["metric"] == "net_share", "value"].sum(), 1.0)
+    headline = open_run(result.path).provenance   # the run's report names both quantities apart
+    text = (result.path / "report.md").read_text()
+    assert "Veit: sampled total magnitude" in text and "net gradient band (exact" in text
+    assert headline["command"].startswith("resnet-probe paths --config")
 
 
-def test_paths_refuses_a_gated_net(highway_run, tmp_path):
-    from resnet_probe.studies.paths import main
-    run = open_run(highway_run[0])
-    ckpt = run.path / run.table("models")["checkpoint"].iloc[0]
+def test_paths_refuses_a_gated_net_before_making_a_run_folder(tiny_zoo, tiny_data, tmp_path):
     with pytest.raises(ValueError, match="highway gates"):
-        main([str(ckpt), "--data", "synthetic", "--n-examples", "4", "--out", str(tmp_path)])
+        paths.run(paths.PathsSettings.tiny(), Zoo(tiny_zoo.zoo.of(["highway"])), tiny_data, out=tmp_path)
+    assert not (tmp_path / "paths").exists()
 
 
-def test_highway_gate_statistics_equal_the_gates_own_outputs(highway_run):
-    from resnet_probe.lesion import lesion
-    from resnet_probe.models import anatomy
-    run_dir, argv = highway_run
-    check_report(run_dir, {"models", "gates", "gate_closing"})
-    run = open_run(run_dir)
-    gates, closing = run.table("gates"), run.table("gate_closing")
-    data = _eval_data("highway", argv)
-    model = _trained_model(run, "highway-8")
+def test_highway_gate_statistics_equal_the_gates_own_outputs(highway_run, tiny_data):
+    from resnet_probe.lesion import lesion as lesioned
+    check_report(highway_run.path, {"models", "gates", "gate_closing"})
+    gates, closing = highway_run.tables["gates"], highway_run.tables["gate_closing"]
+    x, y = tiny_data.evaluation(32, 0, "highway")
+    model = _model(highway_run, "highway-14")
     anat = anatomy(model)
     means = gates[gates["metric"] == "gate_mean"].set_index("site")["value"]
     with torch.no_grad():
-        h = anat.stem(data.images)
+        h = anat.stem(x)
         for b in anat.blocks:
             assert means[b.name] == pytest.approx(b.gate(h).double().mean().item(), rel=1e-5)
             h = b.module(h)
     assert ((means > 0) & (means < 1)).all()
     err = closing[closing["metric"] == "error_percent"].set_index("site")["value"]
-    with torch.no_grad(), lesion(model, blocks=["stage2.block1"], mode="shortcut_only"):
-        wrong = (model(data.images).argmax(-1) != data.labels).double().mean().item()
-    assert err["stage2.block1"] == pytest.approx(100 * wrong)     # a closed gate is a deleted block
+    with lesioned(model, blocks=["stage2.block1"], mode="shortcut_only"):
+        assert err["stage2.block1"] == pytest.approx(_errors(model, x, y))   # a closed gate is a deleted block
+    models = highway_run.tables["models"]
+    params = models[models["metric"] == "parameters"]["value"].iloc[0]
+    assert params == sum(p.numel() for p in model.parameters())
+    assert "parameters" in (highway_run.path / "report.md").read_text()
 
 
-def test_train_zoo_folders_give_the_models_of_the_families_a_study_reads(lesion_run, highway_run, tmp_path):
-    from resnet_probe.report import new_run
-    from resnet_probe.studies.analysis_inputs import expand_checkpoints
-    rows = []
-    for run_dir, family, depth, seed in ((lesion_run[0], "residual", 14, 3), (highway_run[0], "highway", 8, 5)):
-        run = open_run(run_dir)
-        ckpt = run.path / run.table("models")["checkpoint"].iloc[0]
-        rows.append({"model": f"{family}-{depth}", "family": family, "depth": depth, "seed": seed,
-                     "metric": "test_error_percent", "value": 50.0, "checkpoint": str(ckpt)})
-    with new_run("train_zoo", out=tmp_path) as zoo:
-        zoo.add_table("final", pd.DataFrame(rows))
-    picked = expand_checkpoints([str(zoo.path)], ("residual", "preact"))
-    assert len(picked) == 1 and picked[0][1] == 3 and picked[0][0].endswith("last.ckpt")
-    assert {seed for _, seed in expand_checkpoints([str(zoo.path)], ("plain", "highway", "residual"))} == {3, 5}
+def test_train_zoo_folders_give_the_models_of_the_families_a_study_reads(tiny_zoo):
+    zoo = load_models([str(tiny_zoo.path)], ("residual", "preact"))
+    assert [m.name for m in zoo.models] == ["residual-8", "residual-14"]
+    assert zoo.folders == [tiny_zoo.path] and {"curves", "final", "train_errors"} <= set(zoo.tables)
+    assert all(m.source.endswith("last.ckpt") for m in zoo.models)
+    everything = load_models([str(tiny_zoo.path)])
+    assert [m.family for m in everything.models] == ["plain", "plain", "highway", "residual", "residual"]
     with pytest.raises(ValueError, match="no model of a family"):
-        expand_checkpoints([str(zoo.path)], ("plain",))
+        load_models([str(tiny_zoo.path)], ("preact",))
 
 
 # ---- ImageNet inputs -------------------------------------------------------------------------------
@@ -264,15 +210,17 @@ def hub_dir(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
-def test_missing_weights_error_names_the_exact_path(hub_dir, image_folder, tmp_path):
+def test_missing_weights_error_names_the_exact_path_before_any_run_folder(hub_dir, image_folder, tmp_path, capsys):
+    from resnet_probe.studies.command import main
     from resnet_probe.studies.imagenet import WeightsNotFoundError, load_study_model
-    from resnet_probe.studies.lesion import main
     expected = hub_dir / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(WeightsNotFoundError, match=re.escape(str(expected))):
         load_study_model("torchvision:resnet18", weights="IMAGENET1K_V1", download=False)
-    with pytest.raises(WeightsNotFoundError, match=re.escape(str(expected))):
-        main(["torchvision:resnet18", "--weights", "IMAGENET1K_V1", "--no-download", "--data",
-              f"imagefolder={image_folder}", "--out", str(tmp_path / "runs")])
+    code = main("lesion", ["torchvision:resnet18", "--weights", "IMAGENET1K_V1", "--download", "false", "--data",
+                           f"imagefolder={image_folder}", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(expected) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="IMAGENET1K_V1"):
         load_study_model("torchvision:resnet18", weights="IMAGENET9K", download=False)
 
@@ -293,14 +241,17 @@ def test_cached_weights_are_loaded_from_the_hub_cache(hub_dir):
 
 
 def test_lesion_of_a_random_torchvision_resnet_on_an_image_folder(image_folder, tmp_path):
-    from resnet_probe.studies.lesion import main
-    run_dir = main(["torchvision:resnet18", "--data", f"imagefolder={image_folder}", "--limit", "4",
-                    "--mode", "shortcut_only", *LESION_TINY, "--set", "attribution_methods=()",
-                    "--out", str(tmp_path)])
-    check_report(run_dir, {"models", "single_block", "k_random", "reorder"})
-    run = open_run(run_dir)
+    from dataclasses import replace
+
+    from resnet_probe.studies.inputs import load_data
+    data = load_data(f"imagefolder={image_folder}", n_test=4)
+    s = replace(LESION_TINY, n_examples=4, mode="shortcut_only", attribution_methods=())
+    result = lesion.run(s, load_models(["torchvision:resnet18"]), data, out=tmp_path)
+    check_report(result.path, {"models", "single_block", "k_random", "reorder"}, synthetic=False)
+    run = open_run(result.path)
     assert "attribution" not in run.tables
     assert run.provenance["data"]["kind"] == "imagefolder" and run.provenance["data"]["n_test"] == 4
-    single = run.table("single_block")
+    single = result.tables["single_block"]
     assert (single["mode"] == "shortcut_only").all() and set(single["model"]) == {"resnet18 (random init)"}
-    assert len(single[single["metric"] == "kl"]) == 8             # resnet18: 8 BasicBlocks
+    assert len(single[(single["metric"] == "kl")]) == 8             # resnet18: 8 BasicBlocks
+    assert isinstance(single, pd.DataFrame)

@@ -1,273 +1,210 @@
-"""The training studies (train_zoo, degradation, response_std, gradients) and the quickstart, end to end at tiny size.
+"""The training studies (train_zoo, degradation, response_std, gradients) and the quickstart, at the tiny scale.
 
-One tiny zoo (synthetic data, depths 8 and 14, two optimizer steps per net) is trained once per module; every
-study reads it. The quickstart itself is exercised with ``--tiny --zoo``; its training step is the same
-``train_zoo.main``, driven through ``zoo_argv`` (checked separately).
+One tiny zoo (synthetic data, plain-8/14, highway-14, residual-8/14, two optimizer steps per net) is
+trained once per session (``conftest.tiny_zoo``); every study reads it, in Python, as the quickstart
+composes them.
 """
 from __future__ import annotations
 
-import base64
 import json
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import check_report
 
+from resnet_probe.checkpoints import load_model
+from resnet_probe.data import CifarDataModule, normalize, random_subset
 from resnet_probe.studies import degradation, gradients, quickstart, response_std, train_zoo
-from resnet_probe.studies.options import scale_settings, study_parser
-
-ROOT = Path(__file__).resolve().parents[1]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SCRIPTS = ("train_zoo", "degradation", "response_std", "gradients", "quickstart")
-TINY_ZOO = ["--data", "synthetic", "--depths", "8", "14", "--epochs", "1", "--train-limit", "128",
-            "--test-limit", "64", "--set", "val_size=64", "--set", "batch_size=64", "--set", "log_every_n_steps=1",
-            "--set", "val_every_n_steps=1", "--set", "grad_every_n_steps=1"]
-
-
-def read_status(run: Path) -> str:
-    return json.loads((run / "status.json").read_text())["state"]
-
-
-def assert_complete_report(run: Path, figures: list[str], synthetic: bool = True) -> str:
-    """The run finished, each figure is a non-empty PNG, and report.html shows every figure; returns the html."""
-    assert read_status(run) == "complete"
-    html = (run / "report.html").read_text()
-    for name in figures:
-        png = run / "figures" / f"{name}.png"
-        data = png.read_bytes()
-        assert data[:8] == PNG_SIGNATURE and len(data) > 2000, png
-        assert f'id="fig-{name}"' in html and base64.b64encode(data).decode() in html  # embedded, this PNG
-    assert ("SYNTHETIC DATA" in html) == synthetic
-    return html
-
+from resnet_probe.studies.inputs import load_models
+from resnet_probe.studies.train_zoo import ZooSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory, one_thread) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    return train_zoo.main(TINY_ZOO + ["--out", str(out)])
+def zoo(tiny_zoo):
+    return load_models([str(tiny_zoo.path)])
 
 
-@pytest.fixture
-def out(tmp_path) -> list[str]:
-    return ["--out", str(tmp_path)]
+def test_zoo_checkpoint_reproduces_its_recorded_test_error(tiny_zoo, tiny_data):
+    check_report(tiny_zoo.path, {"curves", "final", "gradients", "train_errors"})
+    final = tiny_zoo.tables["final"]
+    row = final[(final["model"] == "residual-14") & (final["metric"] == "test_error_percent")].iloc[0]
+    model, _ = load_model(tiny_zoo.path / row["checkpoint"])
+    s = ZooSettings.tiny()
+    dm = CifarDataModule.from_source(tiny_data.source, batch_size=64, val_size=s.val_size, split_seed=0,
+                                     train_limit=s.train_limit, test_limit=s.test_limit)
+    x, y = dm.splits()["test"]
+    with torch.no_grad():
+        wrong = (model(normalize(x)).argmax(-1) != y).double().mean().item()
+    assert row["value"] == pytest.approx(100 * wrong, abs=1e-4)
+    params = final[(final["model"] == "highway-14") & (final["metric"] == "parameters")]["value"].iloc[0]
+    plain = final[(final["model"] == "plain-14") & (final["metric"] == "parameters")]["value"].iloc[0]
+    assert params > 1.3 * plain                                     # the gate convs: a third conv per block
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_every_script_answers_help(name):
-    res = subprocess.run([sys.executable, str(ROOT / "studies" / f"{name}.py"), "--help"], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith(f"usage: {name}") and "--scale {quick,paper}" in res.stdout
+def test_zoo_records_the_training_error_of_fixed_training_images_in_eval_mode(tiny_zoo, tiny_data):
+    """``train_errors``: per image 1 where the trained net (eval mode) is wrong, on the same images for every
+    net of a seed; its mean is the ``train_eval_error_percent`` of ``final``."""
+    per_image = tiny_zoo.tables["train_errors"]
+    s = ZooSettings.tiny()
+    images, labels = CifarDataModule.from_source(tiny_data.source, batch_size=64, val_size=s.val_size, split_seed=0,
+                                                 train_limit=s.train_limit).splits()["train"]
+    idx = random_subset(len(labels), s.train_eval_examples, 0, "train_eval")
+    sm = next(m for m in tiny_zoo.zoo.models if m.name == "plain-8")
+    with torch.no_grad():
+        wrong = (sm.model(normalize(images[idx])).argmax(-1) != labels[idx]).numpy().astype(float)
+    mine = per_image[per_image["model"] == "plain-8"].sort_values("image")["value"].to_numpy()
+    assert np.array_equal(mine, wrong)
+    final = tiny_zoo.tables["final"]
+    recorded = final[(final["model"] == "plain-8") & (final["metric"] == "train_eval_error_percent")]["value"]
+    assert recorded.iloc[0] == pytest.approx(100 * wrong.mean())
 
 
-def test_zoo_checkpoint_reproduces_its_recorded_test_error(zoo):
-    from resnet_probe.checkpoints import load_model
-    from resnet_probe.data import normalize, random_subset, resolve_source
-
-    models = train_zoo.zoo_checkpoints(zoo)
-    assert sorted(models["model"]) == sorted(f"{f}-{d}" for f in train_zoo.FAMILIES for d in (8, 14))
-    final = pd.read_csv(zoo / "tables" / "final.csv")
-    source = resolve_source("synthetic", synthetic_size=(192, 64))
-    idx = random_subset(len(source.test_labels), 64, 0, "test_limit")
-    x, y = normalize(source.test_images[idx]), source.test_labels[idx]
-    for row in models.itertuples():
-        model, info = load_model(row.checkpoint)
-        assert (info["hparams"]["family"], info["hparams"]["depth"]) == (row.family, row.depth)
-        with torch.no_grad():
-            error = 100 * (model(x).argmax(1) != y).double().mean().item()
-        recorded = final[(final["model"] == row.model) & (final["metric"] == "test_error_percent")]["value"]
-        assert error == pytest.approx(float(recorded.iloc[0]), abs=1e-6)
+def test_zoo_records_curves_and_gradients_of_every_block(tiny_zoo):
+    curves, grads = tiny_zoo.tables["curves"], tiny_zoo.tables["gradients"]
+    assert set(curves["split"]) == {"train", "val"} and set(curves["model"]) == {
+        "plain-8", "plain-14", "highway-14", "residual-8", "residual-14"}
+    blocks = grads[grads["model"] == "residual-14"].groupby("metric")["block"].nunique()
+    assert (blocks >= 2).all()
 
 
-def test_zoo_records_curves_and_gradients_of_every_block(zoo):
-    curves = pd.read_csv(zoo / "tables" / "curves.csv")
-    assert {"train", "val"} <= set(curves["split"]) and set(curves["metric"]) == {"error_percent", "loss"}
-    grads = pd.read_csv(zoo / "tables" / "gradients.csv")
-    p = grads[(grads["model"] == "residual-14") & (grads["metric"] == "param_grad_norm")]
-    assert p["site"].nunique() == 6 and (p["value"] > 0).all()  # 3 stages x 2 blocks
-    assert_complete_report(zoo, ["curves"])
-
-
-def test_several_seeds_train_side_by_side_and_export_ordinary_checkpoints(tmp_path):
-    """Seeds 0 and 3 as one grouped net: seed 0 ends as the lone seed-0 run; seed 3 is its own model."""
-    from resnet_probe.checkpoints import load_model
-
-    residual_8 = ["--set", "families=('residual',)", "--set", "depths=(8,)", "--set", "augment=True"]
-    side = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "3", "--set", "seeds_side_by_side=True",
-                                                   "--out", str(tmp_path / "side")])
-    lone = train_zoo.main(TINY_ZOO + residual_8 + ["--seeds", "0", "--out", str(tmp_path / "lone")])
-    assert (side / "models" / "residual-8-seeds0-3" / "metrics.csv").is_file()
-    final = pd.read_csv(side / "tables" / "final.csv").set_index(["seed", "metric"])["value"]
-    lone_final = pd.read_csv(lone / "tables" / "final.csv").set_index(["seed", "metric"])["value"]
-    for metric in ("train_loss", "val_loss", "test_loss"):
-        assert final[(0, metric)] == pytest.approx(lone_final[(0, metric)], rel=1e-4), metric
-    assert final[(3, "test_loss")] != pytest.approx(final[(0, "test_loss")], rel=1e-3)
-
-    models = train_zoo.zoo_checkpoints(side)
-    assert list(models["seed"]) == [0, 3]
-    weights = [load_model(c)[0].state_dict() for c in models["checkpoint"]]
-    lone_weights = load_model(train_zoo.zoo_checkpoints(lone)["checkpoint"].iloc[0])[0].state_dict()
-    for key, value in lone_weights.items():
-        torch.testing.assert_close(weights[0][key], value, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(weights[1]["stem.conv.weight"], weights[0]["stem.conv.weight"])
-
-    curves = pd.read_csv(side / "tables" / "curves.csv")
-    assert set(curves.groupby("seed")["split"].unique().map(frozenset)) == {frozenset({"train", "val"})}
-    grads = pd.read_csv(side / "tables" / "gradients.csv")
-    lone_grads = pd.read_csv(lone / "tables" / "gradients.csv")
-    key = ["site", "metric", "step"]
-    mine = grads[grads["seed"] == 0].set_index(key)["value"].sort_index()
-    pd.testing.assert_series_equal(mine, lone_grads.set_index(key)["value"].sort_index(), rtol=1e-4)
-    assert set(grads["seed"]) == {0, 3} and len(grads) == 2 * len(lone_grads)
+def test_several_seeds_train_side_by_side_and_export_ordinary_checkpoints(tiny_data, tmp_path):
+    s = ZooSettings.tiny().only(("residual",), (8,))
+    from dataclasses import replace
+    result = train_zoo.run(replace(s, seeds_side_by_side="yes"), tiny_data, out=tmp_path, seeds=(0, 1))
+    final = result.tables["final"]
+    assert sorted(final["seed"].unique()) == [0, 1]
+    for sm in result.zoo.models:
+        model, info = load_model(sm.source)
+        assert info["kind"] == "project" and int(info["hparams"]["seed"]) == sm.seed
+    weights = [next(sm.model.parameters()) for sm in result.zoo.models]
+    assert not torch.equal(weights[0], weights[1])
 
 
 def test_seeds_train_side_by_side_on_cuda_unless_told_otherwise():
-    settings = dict(train_zoo.QUICK)
-    assert settings["seeds_side_by_side"] == train_zoo.PAPER["seeds_side_by_side"] == "auto"
-    assert train_zoo.trains_side_by_side(settings, [0, 1], "cuda")
-    assert not train_zoo.trains_side_by_side(settings, [0, 1], "cpu")
-    assert not train_zoo.trains_side_by_side(settings, [0], "cuda")
-    assert train_zoo.trains_side_by_side({**settings, "seeds_side_by_side": True}, [0, 1], "cpu")
-    assert not train_zoo.trains_side_by_side({**settings, "seeds_side_by_side": False}, [0, 1], "cuda")
-    with pytest.raises(ValueError, match="True, False or 'auto'; got 'yes'"):
-        train_zoo.trains_side_by_side({**settings, "seeds_side_by_side": "yes"}, [0, 1], "cpu")
+    s = ZooSettings.tiny()
+    assert s.side_by_side([0, 1], "cuda") and not s.side_by_side([0, 1], "cpu") and not s.side_by_side([0], "cuda")
+    from dataclasses import replace
+    assert replace(s, seeds_side_by_side="yes").side_by_side([0, 1], "cpu")
+    assert not replace(s, seeds_side_by_side="no").side_by_side([0, 1], "cuda")
 
 
-def test_degradation_reads_the_zoo_and_states_the_depth_gap(zoo, out):
-    run = degradation.main(["--zoo", str(zoo)] + out)
-    html = assert_complete_report(run, ["error_curves", "final_error"])
-    errors = pd.read_csv(run / "tables" / "final_error.csv")
-    final = pd.read_csv(zoo / "tables" / "final.csv")
-    train = errors[errors["split"] == "train"].set_index("model")["value"]
-    zoo_train = final[final["metric"] == "train_error_percent"].set_index("model")["value"]
-    pd.testing.assert_series_equal(train.sort_index(), zoo_train.sort_index(), check_names=False)
-    gap = pd.read_csv(run / "tables" / "degradation.csv").set_index("family")["value"]
-    assert gap["plain"] == pytest.approx(train["plain-14"] - train["plain-8"])
-    assert "Degradation" in html
+def test_degradation_depth_gap_is_the_paired_mean_over_the_same_training_images(zoo, tiny_data, tmp_path):
+    result = degradation.run(degradation.DegradationSettings.tiny(), zoo, None, out=tmp_path)
+    check_report(result.path, {"curves", "final_error", "degradation"})
+    gap = result.tables["degradation"].set_index("family")
+    errors = zoo.tables["train_errors"]
+    for family in ("plain", "residual"):
+        deep = errors[(errors["family"] == family) & (errors["depth"] == 14)].sort_values("image")["value"]
+        shallow = errors[(errors["family"] == family) & (errors["depth"] == 8)].sort_values("image")["value"]
+        assert gap.loc[family, "value"] == pytest.approx(100 * (deep.to_numpy() - shallow.to_numpy()).mean())
+        assert gap.loc[family, "lo"] <= gap.loc[family, "value"] <= gap.loc[family, "hi"]
+    assert "highway" not in gap.index                               # one depth: no gap
 
 
-def test_response_std_equals_std_of_the_layer_output(zoo, out):
-    from resnet_probe.checkpoints import load_model
-    from resnet_probe.data import normalize, random_subset, resolve_source
-    from resnet_probe.models import anatomy
-
-    run = response_std.main(["--zoo", str(zoo), "--data", "synthetic", "--n-examples", "32"] + out)
-    assert_complete_report(run, ["layer_std", "layer_channel_std"])
-    table = pd.read_csv(run / "tables" / "responses.csv")
-    ckpt = train_zoo.zoo_checkpoints(zoo).query("model == 'plain-8'")["checkpoint"].iloc[0]
-    model, _ = load_model(ckpt)
-    source = resolve_source("synthetic", synthetic_size=(1, 32))
-    x = normalize(source.test_images[random_subset(len(source.test_labels), 32, 0, "response_std")])
-    block = anatomy(model).blocks[1]
-    seen = []
-    handle = block.layers[0][1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+def test_response_std_equals_the_std_of_the_layer_output(zoo, tiny_data, tmp_path):
+    s = response_std.ResponseSettings(n_examples=32, batch_size=16, group_size=8, n_resamples=50)
+    result = response_std.run(s, zoo, tiny_data, out=tmp_path)
+    check_report(result.path, {"responses", "groups", "summary", "models"})
+    table = result.tables["responses"]
+    x, _ = tiny_data.evaluation(32, 0, "response_std")
+    sm = next(m for m in zoo.models if m.name == "residual-14")
+    block = sm.model.stages[1][1]
+    captured = []
+    handle = block.branch.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
     try:
         with torch.no_grad():
-            model(x)
+            sm.model(x)
     finally:
         handle.remove()
-    row = table[(table["model"] == "plain-8") & (table["site"] == f"{block.name}.branch.{block.layers[0][0]}")
+    row = table[(table["model"] == "residual-14") & (table["site"] == "stage2.block2.branch")
                 & (table["metric"] == "response_std")]
-    assert float(row["value"].iloc[0]) == pytest.approx(seen[0].double().std().item(), rel=1e-5)
-    assert int(row["layer"].iloc[0]) == 3  # second block, first layer: third layer of the net
+    assert row["value"].iloc[0] == pytest.approx(captured[0].double().std().item(), rel=1e-5)
+    summary = result.tables["summary"]
+    mean = summary[(summary["model"] == "residual-14") & (summary["metric"] == "mean_branch_response_std")].iloc[0]
+    branch = table[(table["model"] == "residual-14") & (table["kind"] == "branch") & (table["metric"] == "response_std")]
+    assert mean["value"] == pytest.approx(branch["value"].mean())
+    assert mean["lo"] <= mean["value"] <= mean["hi"] and mean["lo"] < mean["hi"]
 
 
-def test_gradients_first_over_last_is_the_ratio_of_block_means(zoo, out):
-    run = gradients.main(["--zoo", str(zoo)] + out)
-    assert_complete_report(run, ["param_grad_norm_by_block", "activation_grad_norm_by_block",
-                                 "param_grad_norm_over_training"])
-    per_block = pd.read_csv(run / "tables" / "by_block.csv")
-    fl = pd.read_csv(run / "tables" / "first_last.csv").set_index(["model", "metric"])["value"]
-    g = per_block[(per_block["model"] == "plain-14") & (per_block["metric"] == "param_grad_norm")]
+def test_response_groups_pool_back_to_the_whole_set(zoo, tiny_data, tmp_path):
+    """The bootstrap's groups hold exact sums: pooling all of them gives each site's std over all images."""
+    s = response_std.ResponseSettings(n_examples=32, batch_size=16, group_size=8, n_resamples=10)
+    result = response_std.run(s, zoo.models[:1], tiny_data, out=tmp_path)
+    groups, table = result.tables["groups"], result.tables["responses"]
+    for site, g in groups[groups["kind"] == "branch"].groupby("site"):
+        total = g.groupby("metric")["value"].sum()
+        pooled = response_std.pooled_std(total["count"], total["sum"], total["sumsq"])
+        direct = table[(table["site"] == site) & (table["metric"] == "response_std")]["value"].iloc[0]
+        assert pooled == pytest.approx(direct, rel=1e-6)
+
+
+def test_gradients_are_normalised_by_size_and_by_weight_norm():
+    """RMS per parameter = ||g|| / sqrt(#θ); relative gradient = ||g|| / ||θ||; RMS per element = ||dL/dx|| / sqrt(#x)."""
+    keys = {"run": "r", "seed": 0, "model": "m", "family": "plain", "depth": 8, "stage": 1, "block": 1,
+            "downsampling": False, "step": 3}
+    raw = pd.DataFrame([{**keys, "metric": k, "value": v} for k, v in (
+        ("param_grad_norm", 6.0), ("param_count", 9.0), ("param_norm", 12.0), ("activation_grad_norm", 2.0),
+        ("activation_count", 16.0))])
+    out = gradients.normalised(raw).set_index("metric")["value"]
+    assert out["param_grad_rms"] == pytest.approx(2.0)
+    assert out["relative_param_grad"] == pytest.approx(0.5)
+    assert out["activation_grad_rms"] == pytest.approx(0.5)
+
+
+def test_gradients_study_reports_first_over_last_of_the_normalised_values(zoo, tmp_path):
+    result = gradients.run(gradients.GradientSettings.tiny(), zoo, None, out=tmp_path)
+    check_report(result.path, {"gradients", "by_block", "first_over_last"})
+    per_block, fl = result.tables["by_block"], result.tables["first_over_last"]
+    g = per_block[(per_block["model"] == "residual-14") & (per_block["metric"] == "relative_param_grad")]
     g = g.sort_values("block_index")
-    assert list(g["block_index"]) == list(range(1, 7))
-    assert fl[("plain-14", "param_grad_norm_first_over_last")] == pytest.approx(
-        g["value"].iloc[0] / g["value"].iloc[-1])
+    ratio = fl[(fl["model"] == "residual-14") & (fl["metric"] == "relative_param_grad_first_over_last")]
+    assert ratio["value"].iloc[0] == pytest.approx(g["value"].iloc[0] / g["value"].iloc[-1])
 
 
-def test_quickstart_tiny_combines_every_study_under_three_effects(zoo, out):
-    run = quickstart.main(["--tiny", "--zoo", str(zoo), "--data", "synthetic"] + out)
-    html = assert_complete_report(run, ["deletion_effect"])
-    state = json.loads((run / "report.json").read_text())
-    headline = state["headlines"][0]
-    assert [r[0][:3] for r in headline["rows"]] == ["(1)", "(2)", "(3)"]
-    assert {"plain", "highway", "residual", "shown?"} <= set(headline["columns"])
-    children = {json.loads((run / c["path"] / "report.json").read_text())["study"] for c in state["children"]}
+def test_quickstart_states_three_effects_with_intervals_and_verdicts(zoo, tiny_data, tmp_path):
+    result = quickstart.run(quickstart.QuickstartSettings.tiny(), zoo, tiny_data, out=tmp_path)
+    check_report(result.path, {"effects"})
+    state = json.loads((result.path / "report.json").read_text())
+    scale, effects = state["headlines"][0], state["headlines"][1]
+    assert "optimizer steps" in scale["markdown"] and "test error" in scale["markdown"]
+    assert [r[0][:3] for r in effects["rows"]] == ["(1)", "(2)", "(3)"]
+    verdicts = [r[effects["columns"].index("verdict")] for r in effects["rows"]]
+    assert set(verdicts) <= {"consistent with the paper", "opposite to the paper", "not resolved at this scale"}
+    children = {json.loads((result.path / c["path"] / "report.json").read_text())["study"] for c in state["children"]}
     assert children == {"train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway"}
-    assert "SYNTHETIC images" in html
-    effects = pd.read_csv(run / "tables" / "effects.csv")
-    assert np.isfinite(effects["value"]).all()
+    table = result.tables["effects"]
+    assert (table["lo"] <= table["value"]).all() and (table["value"] <= table["hi"]).all()
 
 
-def test_quickstart_trains_its_zoo_with_exactly_its_settings():
-    settings = {**quickstart.QUICK, **quickstart.TINY}
-    p = study_parser("train_zoo", "")
-    train_zoo.add_training_options(p)
-    got = scale_settings(p.parse_args(quickstart.zoo_argv(settings)), train_zoo.QUICK, train_zoo.PAPER)
-    assert got == {k: settings[k] for k in train_zoo.QUICK}
+def test_a_verdict_needs_the_whole_interval_on_the_papers_side():
+    from resnet_probe.studies.effects import Effect
+    assert Effect(2.0, 0.5, 3.0, "").verdict == "consistent with the paper"
+    assert Effect(2.0, -0.5, 3.0, "").verdict == "not resolved at this scale"
+    assert Effect(-2.0, -3.0, -0.5, "").verdict == "opposite to the paper"
 
 
-@pytest.mark.parametrize("module", [train_zoo, degradation, gradients, quickstart])
-def test_paper_scale_is_the_paper_recipe(module):
-    p = study_parser("x", "")
-    train_zoo.add_training_options(p)
-    s = scale_settings(p.parse_args(["--scale", "paper"]), module.QUICK, module.PAPER)
-    assert (s["recipe"], s["lr"], s["batch_size"], s["max_steps"], s["val_size"]) == ("paper", 0.1, 128, 64_000, 5000)
-    assert s["augment"] and s["train_limit"] is None
-    assert set(s["depths"]) <= {20, 32, 44, 56, 110} and 110 in s["depths"]
-    if module is not gradients:
-        assert tuple(s["depths"]) == (20, 32, 44, 56, 110)
+def test_paper_presets_are_the_papers_recipe():
+    s = ZooSettings.paper()
+    assert (s.recipe, s.lr, s.batch_size, s.max_steps, s.val_size, s.augment, s.train_limit) == (
+        "paper", 0.1, 128, 64_000, 5000, True, None)
+    assert all(s.depths[f] == (20, 32, 44, 56, 110) for f in s.families)
+    from resnet_probe.studies import lesion, paths
+    les = lesion.LesionSettings.paper()
+    assert (les.k_max, les.n_sets, les.n_examples, les.evaluation) == (20, 100, 10_000, "compiled")
+    assert paths.PathsSettings.paper().n_samples == 1000             # Veit et al.: 1,000 paths per length
+    nets = lesion.trained_nets("paper")
+    assert nets.depths == {"plain": (20,), "residual": (110,)}      # the comparison plain net is one that trains
+    assert paths.trained_nets("paper").depths == {"residual": (110,)}
 
 
-def test_paper_settings_build_a_64k_iteration_trainer_and_cli_overrides_win():
-    from resnet_probe.train import CifarClassifier
-
-    p = study_parser("x", "")
-    train_zoo.add_training_options(p)
-    s = scale_settings(p.parse_args(["--scale", "paper", "--depths", "56", "--set", "lr=0.05"]),
-                       train_zoo.QUICK, train_zoo.PAPER)
-    assert s["depths"] == [56] and s["lr"] == 0.05
-    m = CifarClassifier("residual", 110, recipe=s["recipe"], lr=0.1, epochs=s["epochs"], max_steps=s["max_steps"])
-    assert m.trainer_limits == {"max_epochs": -1, "max_steps": 64_000}
-    with pytest.raises(ValueError, match="unknown setting"):
-        scale_settings(p.parse_args(["--set", "nope=1"]), train_zoo.QUICK, train_zoo.PAPER)
-
-
-def test_response_std_measures_a_torchvision_resnet_on_an_image_folder(tmp_path, out):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for cls in ("n01", "n02"):
-        (tmp_path / "val" / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "val" / cls / f"{i}.png")
-    run = response_std.main(["torchvision:resnet18", "--data", f"imagefolder={tmp_path / 'val'}", "--limit", "3"]
-                            + out)
-    assert_complete_report(run, ["layer_std", "layer_channel_std"], synthetic=False)
-    table = pd.read_csv(run / "tables" / "responses.csv")
-    layers = table[(table["kind"] == "layer") & (table["metric"] == "response_std")]
-    assert list(layers["layer"]) == list(range(1, 17))  # resnet18: 8 BasicBlocks x 2 layers
-    assert set(table["model"]) == {"resnet18 (random init)"} and (layers["value"] > 0).all()
-    prov = json.loads((run / "provenance.json").read_text())["data"]
-    assert prov["kind"] == "imagefolder" and prov["n_test"] == 3
-
-
-def test_response_std_without_cached_weights_says_where_to_put_them(tmp_path, out, monkeypatch):
-    from resnet_probe.studies.imagenet import WeightsNotFoundError
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    folder = tmp_path / "val" / "n01"
-    folder.mkdir(parents=True)
-    from PIL import Image
-    Image.new("RGB", (32, 32)).save(folder / "0.png")
-    with pytest.raises(WeightsNotFoundError, match=re.escape(str(tmp_path / "hub"))):
-        response_std.main(["torchvision:resnet18", "--weights", "IMAGENET1K_V1", "--no-download",
-                           "--data", f"imagefolder={tmp_path / 'val'}"] + out)
+def test_settings_refuse_bad_values_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        ZooSettings(depths={"plain": (21,)}, families=("plain",))
+    with pytest.raises(ValueError, match="valid: plain, highway, residual, preact"):
+        ZooSettings(families=("vgg",))
+    with pytest.raises(ValueError, match="exactly one of epochs and max_steps"):
+        ZooSettings(epochs=3, max_steps=100)

@@ -95,26 +95,30 @@ def gate_closing_sweep(model: nn.Module, x, y: torch.Tensor | None = None, batch
 
 def k_random_sweep(model: nn.Module, x, y: torch.Tensor | None = None, ks=(1, 2, 3, 4, 5),
                    n_sets: int = 50, seed: int = 0, mode: str = "zero_branch", batch_size: int = 256,
-                   n_resamples: int = 200, **options) -> pd.DataFrame:
+                   n_resamples: int = 200, blocks=None, **options) -> pd.DataFrame:
     """Delete ``k`` blocks drawn at random, ``n_sets`` sets for each ``k`` (Veit et al. 2016, Fig. 5a).
 
     Args:
-        ks: set sizes, each in ``1..n_blocks``.
+        ks: set sizes, each in ``0..len(blocks)``.
         n_sets: random sets per size (drawn uniformly, without repeating a block within a set).
         seed: seeds the sets and the bootstrap.
+        blocks: the blocks sets are drawn from (names, paths or indices; ``None``: all blocks). Veit
+            et al. drew from the blocks whose shortcut is an identity (``anatomy(model)`` blocks with
+            ``downsampling`` false).
         (the others as in ``single_block_sweep``.)
 
     Returns:
         One row per set, with ``set`` numbering the sets of each ``k``.
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
-    n = len(anatomy(model).blocks)
-    check_block_counts(ks, n, "set sizes")
+    anat = anatomy(model)
+    pool = np.arange(len(anat.blocks)) if blocks is None else np.asarray(anat.resolve(blocks))
+    check_block_counts(ks, len(pool), "set sizes")
     rng = np.random.default_rng(seed)
     sets, meta = [], []
     for k in ks:
         for i in range(n_sets):
-            sets.append(sorted(rng.choice(n, size=int(k), replace=False).tolist()))
+            sets.append(sorted(pool[rng.choice(len(pool), size=int(k), replace=False)].tolist()))
             meta.append({"set": i})
     return _deletion_table(model, sets, meta, x, y, mode, seed, opts)
 

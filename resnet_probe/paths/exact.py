@@ -6,9 +6,11 @@ of all paths that have gone through ``k`` branches so far, the backward step is
 
     G'[k] = S_i^T (D_i G[k]) + J_Fi^T (D_i G[k-1])
 
-and after the last block and the stem, ``G[k]`` is the gradient at the image carried by the
-``C(n, k)`` paths of length ``k`` (Veit, Wilber, Belongie 2016, section 5, computed exactly
-instead of sampled). Each step is linear, so ``sum_k G[k]`` is the ordinary input gradient.
+and after the last block and the stem, ``G[k]`` is the sum of the gradients at the image of the
+``C(n, k)`` paths of length ``k`` (Veit, Wilber, Belongie 2016, section 5). Each step is linear, so
+``sum_k G[k]`` is the ordinary input gradient. ``||G[k]||`` is the *net* gradient of all length-k
+paths, cancellation between them included; Veit et al.'s Fig. 6 reports ``C(n, k)`` x the mean
+magnitude of one path's gradient, which only sampling single paths estimates (``sampled``).
 """
 from __future__ import annotations
 

@@ -1,10 +1,17 @@
-"""Path-length distribution, gradient magnitude per path length and the effective paths.
+"""Path-length distribution, the gradient each path length carries, and the effective paths.
 
 Veit, Wilber, Belongie (2016), Fig. 6: a net of ``n`` blocks has ``C(n, k)`` paths of length ``k``,
-so path lengths follow Binomial(n, 1/2) (a); the gradient a single path carries shrinks with its
-length, so the *total* gradient magnitude per length, distribution x per-path magnitude, peaks at
-short lengths (b); the effective paths are the band of lengths that carries most of it (5-17 of 54
-blocks for their ResNet-110).
+so path lengths follow Binomial(n, 1/2) (a); the gradient magnitude of a single path shrinks with
+its length (b), so the *total* gradient magnitude per length, ``C(n, k)`` x the mean magnitude of one
+path's gradient, peaks at short lengths (c); the effective paths are the band of lengths that
+carries most of it (5-17 of 54 blocks for their ResNet-110). Only sampling single paths estimates
+that quantity (``sampled_path_magnitudes``).
+
+The exact stack (``path_gradient_stack``) answers a different question: ``||G[k]||`` is the norm of
+the *sum* of the ``C(n, k)`` path gradients of length ``k``, the net gradient that all length-k paths
+carry together (``net_gradient_by_length``). Path gradients point in different directions and
+partly cancel, so ``||G[k]|| <= C(n, k) x mean ||g_A||`` (triangle inequality), with equality only
+when all paths of that length push the same way.
 """
 from __future__ import annotations
 
@@ -24,48 +31,47 @@ def path_length_distribution(n: int) -> np.ndarray:
     return stats.binom.pmf(np.arange(n + 1), n, 0.5)
 
 
-def _with_totals(df: pd.DataFrame, n: int) -> pd.DataFrame:
+def _counts(df: pd.DataFrame, n: int) -> pd.DataFrame:
     df.insert(1, "n_paths", [comb(n, int(k)) for k in df["path_length"]])
     df.insert(2, "fraction", path_length_distribution(n)[df["path_length"].to_numpy()])
-    df["total_magnitude"] = df["fraction"] * df["per_path_magnitude"]
-    df["share"] = df["total_magnitude"] / df["total_magnitude"].sum()
     return df
 
 
-def exact_path_magnitudes(stack: torch.Tensor) -> pd.DataFrame:
-    """Gradient magnitude per path length from the exact stack (``path_gradient_stack``).
+def net_gradient_by_length(stack: torch.Tensor) -> pd.DataFrame:
+    """The net gradient each path length carries, from the exact stack (``path_gradient_stack``).
 
     Columns: ``path_length``; ``n_paths`` = C(n, k); ``fraction`` of all paths (Binomial pmf);
-    ``gradient_norm``: ``||G[k]||`` per example (L2 over the image), averaged over examples, the
-    gradient carried by all length-k paths together; ``per_path_magnitude`` =
-    ``gradient_norm / n_paths``, the magnitude of the mean path gradient (sampled single paths
-    measure the mean of their magnitudes instead, which is larger where path gradients cancel);
-    ``total_magnitude`` = ``fraction * per_path_magnitude`` (proportional to ``gradient_norm``); and
-    ``share`` of the summed total.
+    ``net_gradient_norm``: ``||G[k]||`` per example (L2 over the image), averaged over examples -- the
+    norm of the sum of all length-k path gradients, cancellation included; ``net_share``: its share of
+    the sum over lengths.
     """
     n = stack.shape[0] - 1
     norm = stack.flatten(2).norm(dim=-1).mean(dim=1).double().cpu().numpy()
-    df = pd.DataFrame({"path_length": np.arange(n + 1), "gradient_norm": norm})
-    df["per_path_magnitude"] = df["gradient_norm"] / np.array([comb(n, k) for k in range(n + 1)], dtype=float)
-    return _with_totals(df, n)
+    df = _counts(pd.DataFrame({"path_length": np.arange(n + 1), "net_gradient_norm": norm}), n)
+    df["net_share"] = df["net_gradient_norm"] / df["net_gradient_norm"].sum()
+    return df
 
 
 def sampled_path_magnitudes(samples: pd.DataFrame, n: int) -> pd.DataFrame:
-    """Per-path and total gradient magnitude per length from ``sampled_path_gradients``.
+    """Veit et al.'s Fig. 6 quantities from ``sampled_path_gradients``.
 
     Args:
         samples: its table (``path_length``, ``magnitude`` per sampled path).
         n: number of blocks of the net.
 
     Returns:
-        Per sampled length: ``n_paths``, ``fraction``, ``per_path_magnitude`` (mean sampled
-        magnitude), ``per_path_sem`` (its standard error), ``n_samples``, ``total_magnitude`` =
-        ``fraction * per_path_magnitude`` and ``share`` (of the sampled lengths' total).
+        Per sampled length: ``n_paths``, ``fraction``, ``per_path_magnitude`` (mean magnitude of one
+        path's gradient, Fig. 6b), ``per_path_sem`` (its standard error), ``n_samples``,
+        ``total_magnitude`` = ``n_paths * per_path_magnitude`` (Fig. 6c) and ``share`` (of the sampled
+        lengths' total).
     """
     g = samples.groupby("path_length")["magnitude"]
     df = pd.DataFrame({"per_path_magnitude": g.mean(), "per_path_sem": g.sem(ddof=1),
                        "n_samples": g.size()}).reset_index()
-    return _with_totals(df, n)
+    df = _counts(df, n)
+    df["total_magnitude"] = df["n_paths"] * df["per_path_magnitude"]
+    df["share"] = df["total_magnitude"] / df["total_magnitude"].sum()
+    return df
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ def effective_paths(magnitudes: pd.DataFrame, mass: float = 0.9, column: str = "
     least ``mass`` of its total (ties: the shorter lengths).
 
     Args:
-        magnitudes: a table from ``exact_path_magnitudes`` or ``sampled_path_magnitudes``.
+        magnitudes: a table from ``sampled_path_magnitudes`` (or ``net_gradient_by_length``, with
+            ``column="net_gradient_norm"``).
         mass: fraction of the total, in (0, 1].
         column: the magnitude to accumulate.
     """

@@ -10,18 +10,18 @@ the mean ± sample std. Explicit ``lo`` / ``hi`` columns take precedence.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+from scipy import stats
 
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-
-__all__ = ["Mapping", "aggregate", "levels", "draw_line", "draw_bar", "draw_scatter", "draw_heatmap",
-           "draw_profile", "FLAG_STYLE"]
+__all__ = ["Mapping", "aggregate", "levels", "spread_of", "is_integral", "tick_label", "integer_locator",
+           "integer_ticks", "draw_line", "draw_bar", "draw_scatter", "draw_heatmap", "draw_profile", "FLAG_STYLE"]
 
 DEFAULT_DASHES = ["", (4, 2), (1, 1.5), (6, 2, 1, 2), (3, 1, 1, 1, 1, 1), (8, 3)]
 DEFAULT_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
@@ -30,16 +30,32 @@ FLAG_STYLE = dict(marker="o", s=90, facecolors="none", edgecolors="black", linew
 
 @dataclass
 class Mapping:
-    """Level -> colour / dashes / marker, fixed over the whole figure."""
+    """Level -> colour / dashes / marker, fixed over the whole figure (``palette``: as in the legend).
+
+    A panel whose rows are all of one family draws with ``panel(family)``: a numeric hue (depth,
+    block) in shades of that family's colour, and a figure without hue in that colour.
+    """
 
     hue_levels: list = field(default_factory=list)
     palette: dict = field(default_factory=dict)
+    hue_numeric: bool = False
+    hue_integer: bool = False
+    family_palettes: dict = field(default_factory=dict)  # family -> {hue level: colour}, numeric hues only
+    family_colours: dict = field(default_factory=dict)  # family -> colour of a figure without hue
+    x_palette: dict | None = None  # x level -> colour, bars without hue whose x names models
     style_levels: list = field(default_factory=list)
     dashes: dict = field(default_factory=dict)
     markers: dict = field(default_factory=dict)
     x_levels: list | None = None
     color: Any = None
-    spread: str | None = None  # legend text for drawn bands / error bars, set by the drawers
+    spread: str | None = None  # legend text for the drawn bands / error bars
+
+    def panel(self, family: str | None) -> Mapping:
+        """The mapping a panel of one ``family`` (None: no single family) draws with."""
+        if family is None:
+            return self
+        return replace(self, palette=self.family_palettes.get(family, self.palette),
+                       color=self.family_colours.get(family, self.color))
 
 
 def levels(series: pd.Series, order: list | None = None) -> list:
@@ -77,12 +93,52 @@ def aggregate(df: pd.DataFrame, keys: list[str], y: str, spec: dict) -> pd.DataF
         if mode == "sd":
             half[many] = out["_std"].to_numpy()[many]
         elif mode is not None:
-            from scipy import stats
             half[many] = stats.t.ppf(0.975, n[many] - 1) * out["_std"].to_numpy()[many] / np.sqrt(n[many])
         out["_lo"], out["_hi"] = out["_mean"] - half, out["_mean"] + half
     out["_flag"] = groups[flag].any().to_numpy() if flag else False
     out = out.drop(columns=["_std", "_n"] + ([] if keys else ["_one"]))
     return out.rename(columns={"_mean": y})
+
+
+def spread_of(df: pd.DataFrame, kind: str, spec: dict) -> str | None:
+    """The legend text for the bands / error bars a figure will draw, None when it draws none."""
+    if kind == "heatmap":
+        return None
+    if kind == "scatter":
+        return spread_label(spec) if spec.get("lo") and spec.get("hi") else None
+    keys = [spec.get(k) for k in ("hue", "style", "x", "col", "row")]
+    agg = aggregate(df, keys, spec.get("y", "value"), spec)
+    return spread_label(spec) if agg["_lo"].notna().any() else None
+
+
+def is_integral(series: pd.Series) -> bool:
+    """Whether a column holds whole numbers only (integers, or floats without a fraction)."""
+    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+        return False
+    if pd.api.types.is_integer_dtype(series):
+        return True
+    values = series.to_numpy(dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return len(values) > 0 and bool(np.all(values == np.round(values)))
+
+
+def tick_label(value: Any) -> str:
+    """A level as text; whole floats without their ``.0`` (a depth read back from CSV is ``20``, not ``20.0``)."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def integer_locator() -> MaxNLocator:
+    """Ticks at whole numbers only: layers, blocks, k and path lengths have no 2.5."""
+    return MaxNLocator(nbins="auto", integer=True)
+
+
+def integer_ticks(axis: Any, largest: float) -> None:
+    """Whole-number ticks on ``axis``; thousands written ``16k`` so that iteration counts fit narrow panels."""
+    axis.set_major_locator(integer_locator())
+    if largest >= 10_000:
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
 
 
 def spread_label(spec: dict) -> str:
@@ -100,7 +156,7 @@ def _positions(values: pd.Series, x_levels: list | None) -> np.ndarray:
 
 
 def _categorical_ticks(ax: Axes, x_levels: list, axis: str = "x") -> None:
-    labels = [str(v) for v in x_levels]
+    labels = [tick_label(v) for v in x_levels]
     n = len(labels)
     step = max(1, int(np.ceil(n / 30)))
     ticks = list(range(0, n, step))
@@ -114,7 +170,6 @@ def _categorical_ticks(ax: Axes, x_levels: list, axis: str = "x") -> None:
 
 def draw_line(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
     """Lines of ``y`` against ``x`` per hue (colour) and style (dashes); bands from lo/hi or over seeds."""
-    import seaborn as sns
     x, y, hue, style = spec["x"], spec.get("y", "value"), spec.get("hue"), spec.get("style")
     agg = aggregate(df, [hue, style, x], y, spec)
     agg["_x"] = _positions(agg[x], m.x_levels)
@@ -138,7 +193,8 @@ def draw_line(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
         colour = m.palette.get(key[0], m.color) if hue else m.color
         if g["_lo"].notna().any():
             ax.fill_between(g["_x"], g["_lo"], g["_hi"], color=colour, alpha=0.18, linewidth=0)
-            m.spread = spread_label(spec)
+        if len(g) == 1:  # a line through one point draws nothing
+            ax.scatter(g["_x"], g[y], color=colour, s=20, zorder=4)
     flagged = agg[agg["_flag"]]
     if len(flagged):
         ax.scatter(flagged["_x"], flagged[y], **FLAG_STYLE)
@@ -161,17 +217,21 @@ def draw_bar(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
         if not len(g):
             continue
         pos = _positions(g[x], x_levels) - 0.4 + width * (j + 0.5)
-        colour = m.palette.get(h) if hue else m.color
+        if hue:
+            colours = [m.palette.get(h)] * len(g)
+        elif m.x_palette:
+            colours = [m.x_palette.get(v, m.color) for v in g[x]]
+        else:
+            colours = [m.color] * len(g)
         flags = g["_flag"].to_numpy()
-        ax.bar(pos, g[y], width=width * 0.95, color=colour,
+        ax.bar(pos, g[y], width=width * 0.95, color=colours,
                hatch=["//" if f else None for f in flags],
-               edgecolor=["black" if f else colour for f in flags], linewidth=1.0)
+               edgecolor=["black" if f else c for f, c in zip(flags, colours)], linewidth=1.0)
         has_err = g["_lo"].notna().to_numpy()
         if has_err.any():
             yv, lo, hi = (g[c].to_numpy(dtype=np.float64)[has_err] for c in (y, "_lo", "_hi"))
             ax.errorbar(pos[has_err], yv, yerr=[yv - lo, hi - yv], fmt="none", ecolor="0.15",
                         elinewidth=1.0, capsize=2.5, zorder=5)
-            m.spread = spread_label(spec)
     ax.set_xlim(-0.6, len(x_levels) - 0.4)
     _categorical_ticks(ax, x_levels)
     ax.grid(axis="x", visible=False)
@@ -179,7 +239,6 @@ def draw_bar(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
 
 def draw_scatter(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
     """Points of ``y`` against ``x`` per hue / style; vertical error bars from lo/hi; optional y = x line."""
-    import seaborn as sns
     x, y, hue, style = spec["x"], spec.get("y", "value"), spec.get("hue"), spec.get("style")
     hue_order = [h for h in m.hue_levels if hue and h in set(df[hue])] or None
     style_order = [s for s in m.style_levels if style and s in set(df[style])] or None
@@ -190,7 +249,6 @@ def draw_scatter(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
             yv = g[y].to_numpy(dtype=np.float64)
             ax.errorbar(g[x], yv, yerr=[yv - g[lo].to_numpy(float), g[hi].to_numpy(float) - yv], fmt="none",
                         ecolor=colour, elinewidth=1.0, alpha=0.7, capsize=2)
-        m.spread = spread_label(spec)
     sns.scatterplot(data=df, x=x, y=y, hue=hue, style=style, hue_order=hue_order, style_order=style_order,
                     palette=m.palette if hue else None, color=None if hue else m.color,
                     markers={k: m.markers[k] for k in style_order} if style_order else True,
@@ -207,16 +265,17 @@ def draw_scatter(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping) -> None:
 def draw_heatmap(ax: Axes, df: pd.DataFrame, spec: dict, m: Mapping, *, vmin: float, vmax: float,
                  colorbar: bool) -> None:
     """Mean of ``value`` on a grid of ``x`` (columns) by ``y`` (rows)."""
-    import seaborn as sns
     x, y, z = spec["x"], spec["y"], spec.get("value", "value")
     grid = df.pivot_table(index=y, columns=x, values=z, aggfunc="mean", sort=False)
     grid = grid.reindex(index=[v for v in levels(df[y], spec.get("y_order")) if v in grid.index],
                         columns=[v for v in (m.x_levels or levels(df[x])) if v in grid.columns])
+    grid.columns, grid.index = [tick_label(v) for v in grid.columns], [tick_label(v) for v in grid.index]
     annot = spec.get("annot", grid.size <= 80)
     sns.heatmap(grid, ax=ax, cmap=spec.get("cmap", "viridis"), annot=annot, fmt=spec.get("fmt", ".2g"),
                 center=spec.get("center"), vmin=vmin, vmax=vmax, cbar=colorbar,
                 cbar_kws={"label": spec.get("colorbar_label", z)} if colorbar else None,
-                linewidths=0.4 if grid.size <= 400 else 0, linecolor="white", annot_kws={"fontsize": 8})
+                linewidths=0.4 if grid.size <= 400 else 0, linecolor="white", annot_kws={"fontsize": 9})
+
     xlen = max((len(str(c)) for c in grid.columns), default=0)
     ax.tick_params(axis="x", labelrotation=60 if grid.shape[1] * (xlen + 1) > 40 else 0)
     ax.tick_params(axis="y", labelrotation=0)
@@ -236,3 +295,4 @@ def draw_profile(axes: tuple[Axes, Axes], df: pd.DataFrame, spec: dict, m: Mappi
         flagged = ranked["_flag"].to_numpy()
         if flagged.any():
             axes[1].scatter(rank[flagged], ranked[y].to_numpy()[flagged], **FLAG_STYLE)
+    axes[1].xaxis.set_major_locator(integer_locator())

@@ -15,7 +15,21 @@ Kinds (``FIGURE_KINDS``) and their spec keys (``y`` defaults to ``"value"``):
 
 Keys shared by all kinds: ``query`` (a ``DataFrame.query`` string selecting rows), ``title, xlabel,
 ylabel, legend_title, logx, logy, hue_order, style_order, col_order, row_order, x_order, palette,
-flag_label, width, height`` (inches per panel), ``dpi``, ``sharey``.
+flag_label, width, height`` (natural inches per panel), ``dpi``, ``sharey``, ``col_wrap`` (most panels
+per row, default 4).
+
+The same in every figure, whatever the spec says:
+
+- colours (``family_colours``): a model family (plain, highway, residual, preact) has one colour,
+  read from the hue levels (``residual-56``, ``resnet18 (random init)``, ``plain``) or a ``family``
+  column; depths of one family are its shades, darker = deeper; a numeric hue (depth, block) inside a
+  panel of one family is drawn in that family's shades; bars without a hue whose ``x`` names models
+  are coloured by family. ``palette`` names colours for levels of no family (a dict: for the levels it
+  names, families included);
+- a numeric ``x`` holding whole numbers (layer, block, k, path length, iteration) has whole-number ticks;
+- the legend sits outside the panels, right of them or below, and takes its own room
+  (``figure_legend``); the figure fits the report's width and wraps facets onto rows
+  (``figure_layout``), so its text is legible in a 1280-px browser window.
 """
 from __future__ import annotations
 
@@ -25,11 +39,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from ..atomic import atomic_path
 from . import figure_kinds as fk
+from .figure_layout import FONT_SCALE, plan
+from .figure_legend import hue_as_colorbar, hue_colorbar, legend_entries, place_legend
+from .figure_mapping import figure_mapping, panel_family
 
-__all__ = ["FIGURE_KINDS", "SPEC_KEYS", "validate_figure", "select_rows", "draw_figure"]
+__all__ = ["FIGURE_KINDS", "SPEC_KEYS", "validate_figure", "select_rows", "build_figure", "draw_figure"]
 
 _COMMON = {"query", "title", "xlabel", "ylabel", "legend_title", "logx", "logy", "hue_order", "style_order",
            "col_order", "row_order", "x_order", "palette", "flag_label", "width", "height", "dpi", "sharey",
@@ -47,6 +67,7 @@ _REQUIRED = {"heatmap": ("x", "y")}
 _COLUMN_KEYS = ("x", "y", "hue", "style", "col", "row", "lo", "hi", "flag", "value")
 _ERRORBARS = ("ci95", "sd", None)
 MAX_PANELS = 24
+TITLE_FONTSIZE = 11
 
 
 def validate_figure(kind: str, spec: dict[str, Any], columns: list[str]) -> dict[str, Any]:
@@ -93,78 +114,6 @@ def select_rows(df: pd.DataFrame, spec: dict[str, Any], name: str = "figure") ->
     return df
 
 
-def _mapping(df: pd.DataFrame, kind: str, spec: dict[str, Any]) -> fk.Mapping:
-    import seaborn as sns
-    m = fk.Mapping()
-    hue, style = spec.get("hue"), spec.get("style")
-    if hue:
-        m.hue_levels = fk.levels(df[hue], spec.get("hue_order"))
-        pal = spec.get("palette")
-        if isinstance(pal, dict):
-            colours = [pal.get(str(h), pal.get(h)) for h in m.hue_levels]
-        else:
-            colours = sns.color_palette(pal or ("deep" if len(m.hue_levels) <= 10 else "viridis"),
-                                        len(m.hue_levels))
-        m.palette = dict(zip(m.hue_levels, colours))
-    m.color = sns.color_palette("deep")[0]
-    if style:
-        m.style_levels = fk.levels(df[style], spec.get("style_order"))
-        given = spec.get("dashes") or {}
-        m.dashes = {lv: tuple(given.get(str(lv), given.get(lv, fk.DEFAULT_DASHES[i % len(fk.DEFAULT_DASHES)])))
-                    for i, lv in enumerate(m.style_levels)}
-        m.markers = {lv: fk.DEFAULT_MARKERS[i % len(fk.DEFAULT_MARKERS)] for i, lv in enumerate(m.style_levels)}
-    x = spec.get("x")
-    if kind in ("bar", "heatmap") or (x and not pd.api.types.is_numeric_dtype(df[x])):
-        m.x_levels = fk.levels(df[x], spec.get("order") or spec.get("x_order"))
-    return m
-
-
-def _legend(fig, kind: str, spec: dict[str, Any], m: fk.Mapping, df: pd.DataFrame) -> None:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    handles, labels, headers = [], [], []
-
-    def header(text: str) -> None:
-        headers.append(len(labels))
-        handles.append(Line2D([], [], linestyle="none"))
-        labels.append(text)
-
-    sections = bool(spec.get("hue")) + bool(spec.get("style")) > 1
-    if spec.get("hue"):
-        if sections:
-            header(spec.get("legend_title") or spec["hue"])
-        for lv in m.hue_levels:
-            colour = m.palette[lv]
-            handles.append(Patch(color=colour) if kind == "bar" else
-                           Line2D([], [], color=colour, marker="o" if kind == "scatter" else None,
-                                  linestyle="none" if kind == "scatter" else "-", linewidth=2))
-            labels.append(str(lv))
-    if spec.get("style"):
-        if sections:
-            header(spec["style"])
-        for lv in m.style_levels:
-            handles.append(Line2D([], [], color="0.25", dashes=m.dashes[lv] or (None, None), linewidth=1.8,
-                                  marker=m.markers[lv] if kind == "scatter" else None,
-                                  linestyle="none" if kind == "scatter" else "-"))
-            labels.append(str(lv))
-    if spec.get("flag") and df[spec["flag"]].astype(bool).any():
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//") if kind == "bar" else
-                       Line2D([], [], marker="o", markersize=9, markerfacecolor="none", markeredgecolor="black",
-                              linestyle="none"))
-        labels.append(spec.get("flag_label") or spec["flag"])
-    if m.spread:
-        handles.append(Patch(facecolor="0.6", alpha=0.35) if kind in ("line", "layer_profile") else
-                       Line2D([], [], color="0.15", marker="|", markersize=10, linestyle="none"))
-        labels.append(m.spread)
-    if not handles:
-        return
-    title = None if sections else (spec.get("legend_title") or spec.get("hue") or spec.get("style"))
-    leg = fig.legend(handles, labels, loc="outside right center", title=title, frameon=False, fontsize=9)
-    for i, text in enumerate(leg.get_texts()):
-        if i in headers:
-            text.set_fontweight("bold")
-
-
 def _facet_levels(df: pd.DataFrame, spec: dict[str, Any], key: str) -> list:
     col = spec.get(key)
     return fk.levels(df[col], spec.get(f"{key}_order")) if col else [None]
@@ -183,83 +132,117 @@ def _axis_labels(ax, kind: str, spec: dict[str, Any], df: pd.DataFrame, left: bo
         ax.set_yscale("log")
 
 
-def draw_figure(df: pd.DataFrame, kind: str, spec: dict[str, Any], path: str | Path, name: str = "figure") -> Path:
-    """Draw one figure from its table and spec and save it atomically as a PNG.
+def _natural_width(kind: str, spec: dict[str, Any], m: fk.Mapping) -> float:
+    w = float(spec.get("width", 4.8))
+    if kind == "bar" and m.x_levels:
+        w = max(w, min(14.0, 1.2 + 0.28 * len(m.x_levels) * max(1, len(m.hue_levels)) ** 0.5))
+    return w
 
-    Args:
-        df: the figure's tidy table, as read back from the run folder.
-        kind: one of ``FIGURE_KINDS``.
-        spec: the figure spec (see the module docstring).
-        path: destination ``.png``.
-        name: the figure's name, for error messages.
 
-    Returns:
-        ``path``.
-    """
-    import seaborn as sns
-    from matplotlib.figure import Figure
+def _integer_ticks(ax, kind: str, spec: dict[str, Any], df: pd.DataFrame, m: fk.Mapping) -> None:
+    x = spec.get("x")
+    if (kind in ("line", "scatter", "layer_profile") and m.x_levels is None and not spec.get("logx")
+            and fk.is_integral(df[x])):
+        fk.integer_ticks(ax.xaxis, float(np.nanmax(np.abs(df[x].to_numpy(dtype=np.float64)))))
 
-    spec = validate_figure(kind, spec, list(df.columns))
-    df = select_rows(df, spec, name)
-    m = _mapping(df, kind, spec)
+
+def _panels(df: pd.DataFrame, spec: dict[str, Any], name: str) -> tuple[list, list, list[pd.DataFrame]]:
     rows, cols = _facet_levels(df, spec, "row"), _facet_levels(df, spec, "col")
     panels = [(r, c) for r in rows for c in cols]
     if len(panels) > MAX_PANELS:
         raise ValueError(f"{name}: {len(panels)} panels from row={spec.get('row')!r} x col={spec.get('col')!r} "
                          f"(at most {MAX_PANELS}); select fewer levels with 'query'")
-    ncols = len(cols) if spec.get("row") else min(len(cols), int(spec.get("col_wrap", 4)))
-    nrows = len(rows) if spec.get("row") else int(np.ceil(len(cols) / ncols))
-    if kind == "layer_profile":
-        ncols, nrows = 2, 1
-    w = float(spec.get("width", 4.8))
-    if kind == "bar" and m.x_levels:
-        w = max(w, min(14.0, 1.2 + 0.28 * len(m.x_levels) * max(1, len(m.hue_levels)) ** 0.5))
-    h = float(spec.get("height", 3.4))
-    keys = [spec[k] for k in ("x", "hue", "style", "col", "row") if spec.get(k)]
-    repeats = (kind in ("line", "bar", "layer_profile") and spec.get("errorbar", "ci95") is not None
-               and bool(df.duplicated(keys).any()))
-    has_legend = kind != "heatmap" and bool(spec.get("hue") or spec.get("style") or spec.get("flag")
-                                            or spec.get("lo") or repeats)
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
-        fig = Figure(figsize=(w * ncols + (1.8 if has_legend else 0), h * nrows + 0.3), layout="constrained")
-        sharey = spec.get("sharey", True if kind != "heatmap" else False)
-        axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=sharey, squeeze=False)).ravel()
+    subsets = []
+    for r, c in panels:
+        sub = df
+        if spec.get("row"):
+            sub = sub[sub[spec["row"]] == r]
+        if spec.get("col"):
+            sub = sub[sub[spec["col"]] == c]
+        subsets.append(sub)
+    return cols, panels, subsets
+
+
+def build_figure(df: pd.DataFrame, kind: str, spec: dict[str, Any], name: str = "figure") -> Figure:
+    """Draw one figure from its table and spec.
+
+    Args:
+        df: the figure's tidy table, as read back from the run folder.
+        kind: one of ``FIGURE_KINDS``.
+        spec: the figure spec (see the module docstring).
+        name: the figure's name, for error messages.
+
+    Returns:
+        The matplotlib ``Figure`` (not attached to pyplot), sized to fit the report's width.
+    """
+    spec = validate_figure(kind, spec, list(df.columns))
+    df = select_rows(df, spec, name)
+    cols, panels, subsets = _panels(df, spec, name)
+    panel_families = [panel_family(sub, [r, c]) if len(sub) else None for sub, (r, c) in zip(subsets, panels)]
+    m = figure_mapping(df, kind, spec, panel_families)
+    dpi = int(spec.get("dpi", 120))
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=FONT_SCALE):
+        colorbar = kind != "heatmap" and hue_as_colorbar(spec, m)
+        has_flag = bool(spec.get("flag")) and bool(df[spec["flag"]].astype(bool).any())
+        entries = None if kind == "heatmap" else legend_entries(kind, spec, m, has_flag)
         if kind == "layer_profile":
-            fk.draw_profile((axes[0], axes[1]), df, spec, m)
+            want, fixed = 2, True
+        elif spec.get("row"):
+            want, fixed = len(cols), True
+        else:
+            want, fixed = int(spec.get("col_wrap", 4)), False
+        layout = plan(2 if kind == "layer_profile" else len(panels), want, fixed, _natural_width(kind, spec, m),
+                      float(spec.get("height", 3.4)), dpi, entries, colorbar, bool(spec.get("title")))
+        fig = Figure(figsize=(layout.width, layout.height), dpi=dpi, layout="constrained")
+        FigureCanvasAgg(fig)
+        sharey = spec.get("sharey", kind != "heatmap")
+        axes = np.atleast_1d(fig.subplots(layout.nrows, layout.ncols, sharey=sharey, squeeze=False)).ravel()
+        ncols = layout.ncols
+        if kind == "layer_profile":
+            fk.draw_profile((axes[0], axes[1]), df, spec, m.panel(panel_families[0]))
             for i, (ax, label) in enumerate(zip(axes, ("network order", "sorted by magnitude"))):
                 _axis_labels(ax, kind, spec, df, left=i == 0, bottom=True)
-                ax.set_title(label, fontsize=10)
+                ax.set_title(label, fontsize=TITLE_FONTSIZE)
+            _integer_ticks(axes[0], kind, spec, df, m)
             axes[1].set_xlabel(f"rank ({spec.get('xlabel', spec['x'])}, sorted)")
         else:
             z = spec.get("value", "value")
             vmin = spec.get("vmin", float(np.nanmin(df[z])) if kind == "heatmap" else None)
             vmax = spec.get("vmax", float(np.nanmax(df[z])) if kind == "heatmap" else None)
-            for i, (ax, (r, c)) in enumerate(zip(axes, panels)):
-                sub = df
-                if spec.get("row"):
-                    sub = sub[sub[spec["row"]] == r]
-                if spec.get("col"):
-                    sub = sub[sub[spec["col"]] == c]
+            draw = {"line": fk.draw_line, "bar": fk.draw_bar, "scatter": fk.draw_scatter}.get(kind)
+            for i, (ax, (r, c), sub, family) in enumerate(zip(axes, panels, subsets, panel_families)):
                 left, bottom = i % ncols == 0, i >= len(panels) - ncols
-                if len(sub):
-                    if kind == "heatmap":
-                        fk.draw_heatmap(ax, sub, spec, m, vmin=vmin, vmax=vmax,
-                                        colorbar=(i % ncols == ncols - 1) or i == len(panels) - 1)
-                    else:
-                        {"line": fk.draw_line, "bar": fk.draw_bar, "scatter": fk.draw_scatter}[kind](ax, sub, spec, m)
-                else:
+                if not len(sub):
                     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                elif kind == "heatmap":
+                    fk.draw_heatmap(ax, sub, spec, m, vmin=vmin, vmax=vmax,
+                                    colorbar=(i % ncols == ncols - 1) or i == len(panels) - 1)
+                else:
+                    draw(ax, sub, spec, m.panel(family))
                 _axis_labels(ax, kind, spec, df, left or kind == "heatmap", bottom)
-                facet = [f"{spec[k]} = {v}" for k, v in (("row", r), ("col", c)) if spec.get(k)]
+                _integer_ticks(ax, kind, spec, df, m)
+                facet = [f"{spec[k]} = {fk.tick_label(v)}" for k, v in (("row", r), ("col", c)) if spec.get(k)]
                 if facet:
-                    ax.set_title(" | ".join(facet), fontsize=10)
+                    ax.set_title(" | ".join(facet), fontsize=TITLE_FONTSIZE)
             for ax in axes[len(panels):]:
                 ax.set_visible(False)
-        if has_legend:
-            _legend(fig, kind, spec, m, df)
+        if colorbar:
+            hue_colorbar(fig, [ax for ax in axes if ax.get_visible()], spec, m)
+        if entries is not None:
+            place_legend(fig, entries, layout.legend, layout.legend_ncol)
         if spec.get("title"):
-            fig.suptitle(spec["title"], fontsize=12)
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=int(spec.get("dpi", 120)))
+            fig.suptitle(spec["title"], fontsize=TITLE_FONTSIZE + 1.5)
+    return fig
+
+
+def draw_figure(df: pd.DataFrame, kind: str, spec: dict[str, Any], path: str | Path, name: str = "figure") -> Path:
+    """Draw one figure (``build_figure``) and save it atomically as a PNG at its spec's ``dpi`` (120).
+
+    Returns:
+        ``path``.
+    """
+    fig = build_figure(df, kind, spec, name)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=int(spec.get("dpi", 120)))
     return path

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from .figure_layout import REPORT_WIDTH_PX
 from .folder import PROVENANCE, REPORT, STATUS, RunFolderError, read_json
 from .markdown_html import inline, markdown_to_html
 from .provenance import is_synthetic
@@ -25,8 +26,9 @@ __all__ = ["render_report", "SYNTHETIC_WARNING", "load_children"]
 SYNTHETIC_WARNING = ("SYNTHETIC DATA: these results were computed on the built-in synthetic image set, "
                      "not on CIFAR-10. They demonstrate the pipeline only; do not read them as CIFAR-10 results.")
 
+# the page's text column is REPORT_WIDTH_PX wide, so figures (at most FIGURE_WIDTH_PX) show unscaled
 _CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:24px auto;
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:{body}px;margin:24px auto;
 padding:0 20px;color:#1d1d1f;line-height:1.45}
 h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .meta{color:#666;margin-top:0}
@@ -41,7 +43,7 @@ figure{margin:18px 0}figure img{max-width:100%;height:auto;border:1px solid #eee
 figcaption{color:#444;font-size:.92em;margin-top:4px}
 code,pre{background:#f5f5f7;border-radius:3px}pre{padding:10px;overflow-x:auto;font-size:.85em}
 .child{border-left:4px solid #9ab;padding-left:14px;margin:18px 0}
-"""
+""".replace("{body}", str(REPORT_WIDTH_PX + 40))
 
 
 def _cell(v: Any) -> str:

@@ -1,5 +1,8 @@
-"""Studies: each module answers one question from the papers and writes one report run folder.
+"""Studies: each answers one question from the papers and writes one run folder with its report.
 
-Every study has ``main(argv=None) -> pathlib.Path`` (the run folder) and a thin executable script under
-``studies/``. Shared command-line options live in ``options``.
+Every study is a module with a frozen settings dataclass (``tiny()``, ``quick()``, ``paper()``
+presets), a ``run(settings, models, data, ...) -> StudyResult`` function that returns its tables,
+and a ``COMMAND`` from which ``command`` builds its command line (``resnet-probe STUDY``,
+``studies/STUDY.py``). Studies compose in Python: ``quickstart`` calls the others' ``run``.
 """
+STUDIES = ("train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway", "quickstart")

@@ -6,30 +6,68 @@ identity shortcut remove the effect?
 
 Figures: training (dashed) and validation (solid) error against the iteration, one panel per family
 and one colour per depth (the layout of He et al. Fig. 6); final training / test error per depth.
-Headline: final train / validation / test error per model (mean ± std over seeds) and, per family,
-the final training error of the deepest net minus that of the shallowest.
+Headline: final train / validation / test error per model, and per family the *depth gap*: the
+training error of the deepest net minus that of the shallowest. He et al. plot the running training
+error; here the gap is measured after training, in eval mode, on the same fixed training images for
+both nets (``train_zoo``'s ``train_errors``), so it gets a paired 95 % bootstrap interval over those
+images; with several seeds, the mean ± std over seeds.
 
-Input: ``--zoo RUN_DIR`` (a ``train_zoo`` run) or, without it, the study trains its own nets (the
-``train_zoo`` settings of the chosen scale: depths 8 and 20 at quick scale, 20-110 at paper scale).
-
-Result at quick scale (2 AMD EPYC cores shared with other jobs (load average 4-5), 1 torch thread, JPEG pack,
-seed 0; 4,000 images, 3 epochs; measured 2026-11-23): final training error plain 59.0 % (depth 8) -> 65.6 %
-(depth 20), +6.6 points; residual 57.3 % -> 57.2 %, -0.1 points: the deeper plain net trains worse, the deeper
-residual net does not. One seed, so no spread; the study itself takes ~1 s on a zoo.
+Input: a ``train_zoo`` run folder or, without one, the study trains its own nets (``--train``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from . import train_zoo
+import pandas as pd
 
-QUICK, PAPER = train_zoo.QUICK, train_zoo.PAPER  # the nets trained without --zoo: those of train_zoo
+from ..lesion import mean_ci as bootstrap_mean_ci
+from ..report import format_ci, format_mean_std
+from ..train.fit import resolve_device
+from .spec import StudyCommand
+from .inputs import StudyData, Zoo, model_name
+from .runs import StudyResult, study_config, study_run
+from .train_zoo import ZooSettings, trained_zoo
+
+TITLE = "Degradation: training error against depth (He et al. 2016, Fig. 1/6)"
 ERRORS = (("train", "train_error_percent"), ("val", "val_error_percent"), ("test", "test_error_percent"))
 
 
-def final_errors(final: "pd.DataFrame") -> "pd.DataFrame":
+@dataclass(frozen=True)
+class DegradationSettings:
+    """Settings of the degradation study.
+
+    Args:
+        n_resamples: bootstrap resamples of the depth gap's interval (over training images).
+    """
+
+    n_resamples: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.n_resamples < 1:
+            raise ValueError(f"n_resamples must be positive; got {self.n_resamples}")
+
+    @classmethod
+    def quick(cls) -> "DegradationSettings":
+        return cls()
+
+    @classmethod
+    def paper(cls) -> "DegradationSettings":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "DegradationSettings":
+        return cls(n_resamples=100)
+
+
+def trained_nets(scale: str) -> ZooSettings:
+    """The nets trained when no zoo is given: those of ``train_zoo`` at that scale."""
+    return getattr(ZooSettings, scale)()
+
+
+def final_errors(final: pd.DataFrame) -> pd.DataFrame:
     """The zoo's ``final`` table as tidy error rows with a ``split`` column (metric ``error_percent``)."""
-    import pandas as pd
     parts = []
     for split, metric in ERRORS:
         part = final[final["metric"] == metric].copy()
@@ -38,79 +76,90 @@ def final_errors(final: "pd.DataFrame") -> "pd.DataFrame":
     return pd.concat(parts, ignore_index=True)
 
 
-def degradation_table(errors: "pd.DataFrame") -> "pd.DataFrame":
-    """Per family and seed: final training error of the deepest net minus that of the shallowest (points).
+def depth_gap(train_errors: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
+    """Per family and seed: training error (eval mode, the same images) of the deepest net minus that of
+    the shallowest, in percentage points, with its paired 95 % bootstrap interval over the images.
 
     Returns:
-        Tidy rows ``family, seed, model ("<family>-<deep> vs -<shallow>"), metric="train_error_gap_percent",
-        value`` (positive: the deeper net trains worse).
+        Tidy rows ``family, seed, model ("<family>-<deep> vs -<shallow>"), metric="train_error_gap_pp",
+        value, lo, hi, deep, shallow`` (positive: the deeper net trains worse).
     """
-    import pandas as pd
-    train = errors[errors["split"] == "train"]
     rows = []
-    for (family, seed), g in train.groupby(["family", "seed"], sort=False):
+    for (family, seed), g in train_errors.groupby(["family", "seed"], sort=False):
         depths = sorted(g["depth"].unique())
         if len(depths) < 2:
             continue
         shallow, deep = depths[0], depths[-1]
-        value = float(g.loc[g["depth"] == deep, "value"].mean() - g.loc[g["depth"] == shallow, "value"].mean())
+        a = g[g["depth"] == deep].sort_values("image")["value"].to_numpy()
+        b = g[g["depth"] == shallow].sort_values("image")["value"].to_numpy()
+        mean, lo, hi = bootstrap_mean_ci(100.0 * (a - b), n_resamples=n_resamples, seed=int(seed))
         rows.append({"run": g["run"].iloc[0], "seed": int(seed), "family": family,
-                     "model": f"{family}-{deep} vs {family}-{shallow}", "site": "network",
-                     "metric": "train_error_gap_percent", "value": value, "deep": int(deep),
-                     "shallow": int(shallow)})
+                     "model": f"{model_name(family, deep)} vs {model_name(family, shallow)}", "site": "network",
+                     "metric": "train_error_gap_pp", "value": float(mean[0]), "lo": float(lo[0]),
+                     "hi": float(hi[0]), "deep": int(deep), "shallow": int(shallow), "n_images": len(a)})
     return pd.DataFrame(rows)
 
 
-def headline_errors(errors: "pd.DataFrame") -> "pd.DataFrame":
-    """One row per model: final train / val / test error, mean ± std over seeds."""
-    import pandas as pd
-    from ..report import format_mean_std
+def headline_errors(errors: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: parameters, final train / val / test error, mean ± std over seeds."""
     rows = []
+    params = final[final["metric"] == "parameters"].groupby("model")["value"].first()
     for (family, depth), g in errors.groupby(["family", "depth"], sort=True):
-        row = {"model": train_zoo.model_name(family, depth)}
+        name = model_name(family, depth)
+        row = {"model": name, "parameters": f"{int(params.get(name, 0)):,}"}
         for split, _ in ERRORS:
-            row[f"{split} error"] = format_mean_std(g.loc[g["split"] == split, "value"], unit="%")
+            row[f"{split} error"] = format_mean_std(g.loc[g["split"] == split, "value"], unit="%").replace(" (n=1)", "")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Run the degradation study; returns its run folder."""
-    args, settings = train_zoo.parse_zoo_study(
-        "degradation", "He et al. Fig. 1/6: training and test error of plain vs highway vs "
-                       "residual nets at increasing depth, from a train_zoo run or trained here.",
-        "a train_zoo run folder to read (default: train the nets here)", argv, QUICK, PAPER)
-    from ..report import new_run
+def run(settings: DegradationSettings, models: Zoo | None, data: StudyData | None, *, out: str | Path = "runs",
+        seeds: Sequence[int] = (0,), device: str = "auto", train: ZooSettings | None = None,
+        scale: str | None = None) -> StudyResult:
+    """The degradation study on a zoo's training records (``models``: a ``Zoo`` from a train_zoo run), or on
+    nets trained here (``models=None``: ``train``'s nets on ``data``)."""
+    train = train or trained_nets(scale or "quick")
+    if models is not None and not {"curves", "final", "train_errors"} <= set(models.tables):
+        raise ValueError("the degradation study needs a train_zoo run's curves, final and train_errors tables; "
+                         "give its run folder, or no model to train the nets here")
+    config = study_config(models=[str(f) for f in models.folders] if models is not None else [],
+                          data=data.spec if data is not None else None, seeds=seeds, device=device, out=out,
+                          scale=scale, settings=settings, train=train)
+    provenance = data.provenance() if data is not None else models.data
+    with study_run("degradation", config, title=TITLE, data=provenance, source_file=__file__) as r:
+        if models is None:
+            models = trained_zoo(r, data, train, seeds, resolve_device(device).type)
+        else:
+            r.add_text("Setup", "Networks and training curves read from the train_zoo run "
+                       + ", ".join(f"`{f}`" for f in models.folders) + ".")
+        tables = {"curves": models.tables["curves"], "final_error": final_errors(models.tables["final"]),
+                  "degradation": depth_gap(models.tables["train_errors"], settings.n_resamples)}
+        for name, df in tables.items():
+            if len(df):
+                r.add_table(name, df)
+        _report(r, tables, models.tables["final"])
+    return StudyResult(r.path, tables, models)
 
-    zoo = train_zoo.ZooInput(args, settings, needs=("curves", "final"))
-    with new_run("degradation", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__, argv=argv,
-                 title="Degradation: training error against depth (He et al. 2016, Fig. 1/6)") as run:
-        tables = zoo.tables(run, "Networks and curves")
-        curves, final = tables["curves"], tables["final"]
-        _report(run, curves, final_errors(final))
-    return run.path
 
-
-def _report(run, curves, errors) -> None:
-    import pandas as pd
-    from ..report import format_mean_std
-    run.add_table("curves", curves)
-    run.add_table("final_error", errors)
-    run.add_headline(headline_errors(errors), title="Final error per model (mean ± std over seeds)")
-    gap = degradation_table(errors)
+def _report(run, tables: dict[str, pd.DataFrame], final: pd.DataFrame) -> None:
+    curves, errors, gap = tables["curves"], tables["final_error"], tables["degradation"]
+    run.add_headline(headline_errors(errors, final), title="Final error per model (mean ± std over seeds)")
     if len(gap):
-        run.add_table("degradation", gap)
-        rows = [{"family": f, "comparison": g["model"].iloc[0],
-                 "train error, deeper minus shallower": format_mean_std(g["value"], unit="points")}
-                for f, g in gap.groupby("family", sort=False)]
-        run.add_headline(pd.DataFrame(rows), title="Degradation: final training error of the deepest net minus "
-                                                   "the shallowest (positive = deeper trains worse)")
+        rows = []
+        for family, g in gap.groupby("family", sort=False):
+            cell = (format_ci(g["value"].iloc[0], g["lo"].iloc[0], g["hi"].iloc[0], unit="pp") if len(g) == 1
+                    else format_mean_std(g["value"], unit="pp"))
+            rows.append({"family": family, "comparison": g["model"].iloc[0],
+                         "training error, deeper minus shallower": cell})
+        run.add_headline(pd.DataFrame(rows), title="Depth gap: training error of the deepest net minus the "
+                                                   "shallowest (eval mode, the same training images; positive = "
+                                                   "deeper trains worse; 95 % bootstrap interval over images)")
     families = list(dict.fromkeys(curves["family"]))
     run.add_figure("error_curves", "line", "curves", section="Training curves", x="step", hue="depth",
                    style="split", col="family", col_order=families, dashes={"train": [4, 2], "val": ""},
                    query="metric == 'error_percent'", xlabel="iteration", ylabel="error (%)",
-                   legend_title="depth", palette="viridis",
-                   title="Training (dashed) and validation (solid) error by depth (He et al. Fig. 6 layout)",
+                   legend_title="depth", title="Training (dashed) and validation (solid) error by depth "
+                                               "(He et al. Fig. 6 layout)",
                    caption="Dashed: running training error over recent batches; solid: error on held-out "
                            "validation images. One panel per family, one colour per depth.")
     run.add_figure("final_error", "bar", "final_error", section="Final error", x="depth", hue="family",
@@ -118,9 +167,17 @@ def _report(run, curves, errors) -> None:
                    query="split in ['train', 'test']", errorbar="sd", xlabel="depth (layers)",
                    ylabel="final error (%)", title="Final training and test error against depth",
                    caption="Bars: mean over seeds; error bars: ± 1 sd over seeds (when there are several).")
+    single = errors["seed"].nunique() == 1
     run.add_text("Reading", "He et al. (2016) found that a deeper plain net ends with a *higher training error* "
                             "than a shallower one (the degradation problem), while residual nets of the same "
-                            "depth train at least as well as shallower ones. "
-                            + ("" if len(errors["seed"].unique()) > 1 else
-                               "Single seed: the numbers carry no spread; run more seeds (`--seeds 0 1 2`) "
-                               "for mean ± std."))
+                            "depth train at least as well as shallower ones. The depth gap is measured on "
+                            f"{int(gap['n_images'].iloc[0]) if len(gap) else 0:,} training images per seed, in "
+                            "eval mode (BN with its running statistics), the same images for both depths."
+                            + (" Single seed: the interval covers the choice of images, not of the training run; "
+                               "run more seeds for the spread between runs." if single else ""))
+
+
+COMMAND = StudyCommand(
+    name="degradation", run=run, settings=DegradationSettings, inputs="zoo", train=trained_nets,
+    description="He et al. Fig. 1/6: training and test error of plain vs highway vs residual nets at increasing "
+                "depth, from a train_zoo run or trained here.")

@@ -31,6 +31,13 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.models import get_model_weights
+
+from ..checkpoints import (TORCHVISION_ARCHS, CheckpointError, load_model, load_strict, read_checkpoint,
+                           torchvision_model)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,7 +109,6 @@ def imagefolder_path(spec: str | os.PathLike | None) -> Path | None:
 
 def imagenet_transform():
     """Resize the short side to 256, center-crop 224, to a float tensor, ImageNet normalisation."""
-    from torchvision import transforms
     return transforms.Compose([transforms.Resize(RESIZE), transforms.CenterCrop(CROP), transforms.ToTensor(),
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -126,9 +132,6 @@ def load_imagefolder(root: str | os.PathLike, limit: int | None = None, seed: in
         FileNotFoundError: ``root`` is missing or holds no class folder with images.
         ValueError: ``limit`` is not positive.
     """
-    from torch.utils.data import DataLoader, Subset
-    from torchvision.datasets import ImageFolder
-
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist; --data imagefolder=PATH needs a folder "
@@ -169,7 +172,6 @@ def resolve_weights(arch: str, name: str):
         ValueError: the architecture has no weights enum, or the name is none of its members
             (naming the valid ones).
     """
-    from torchvision.models import get_model_weights
     try:
         enum = get_model_weights(arch)
     except (ValueError, KeyError):
@@ -209,8 +211,6 @@ def weights_state_dict(weights, download: bool = True) -> dict[str, torch.Tensor
         WeightsNotFoundError: the file is missing and cannot be downloaded; the message gives the
             exact path to put it at and the url to get it from.
     """
-    from ..checkpoints import read_checkpoint
-
     path = weights_file(weights)
     if not path.is_file():
         how = ""
@@ -241,8 +241,6 @@ def torchvision_pretrained(arch: str, weights: str, download: bool = True) -> tu
     Returns:
         ``(model, info)`` like ``resnet_probe.checkpoints.load_model``, ``kind="torchvision-weights"``.
     """
-    from ..checkpoints import TORCHVISION_ARCHS, CheckpointError, load_strict, torchvision_model
-
     if arch not in TORCHVISION_ARCHS:
         raise ValueError(f"unknown torchvision architecture {arch!r}; valid: {', '.join(TORCHVISION_ARCHS)}")
     member = resolve_weights(arch, weights)
@@ -270,7 +268,6 @@ def load_study_model(source: str, *, weights: str | None = None, arch: str | Non
     Raises:
         ValueError: ``weights`` given for a source that is not ``torchvision:ARCH``.
     """
-    from ..checkpoints import load_model
     if weights is None:
         return load_model(source, arch=arch, allow_unsafe=allow_unsafe)
     if not (isinstance(source, str) and source.startswith("torchvision:")):

@@ -10,73 +10,117 @@ blocks marked), Fig. 5a (error against the number of randomly deleted blocks), F
 against Kendall's tau of a reordering); plus a figure putting each block's attribution beside the
 error its deletion causes.
 
-Inputs: ``CHECKPOINT...``: project ``.ckpt`` files, ``train_zoo`` run folders (all their models),
-torchvision ResNet state_dict files, or ``torchvision:ARCH`` (random weights, or ``--weights NAME``
-from the torch hub cache; evaluate those on ``--data imagefolder=PATH``). Without a checkpoint the
-study trains its own nets (residual and plain; the scale's depth and length).
+The comparison network. Veit et al. compared a ResNet with a well-trained VGG-style net. Here the
+plain net plays that role, and it must be one that trains: by default plain-20 (He et al. 2016,
+Fig. 6: plain-20 reaches about the residual nets' error with the same recipe), whatever the
+residual net's depth. A deeper plain net is an option (``--train.depths``); the report labels it
+*degraded* (He et al.: deeper plain nets train worse), since a net near chance before any deletion
+makes "deleting a layer breaks a plain net" partly true by construction. A plain block at a stage
+change has no shortcut in the trained net, so deleting it would insert one (zero-pad or
+projection) the net never had: those blocks are left out of the plain net's single-block sweep.
+Random k-block deletions draw from the blocks whose shortcut keeps the shape (as Veit et al.
+deleted), or from all blocks (``k_random_blocks: all``); tables and figures say which.
 
-Result at quick scale (CIFAR-10 JPEG pack; residual-20 and plain-20 trained here on 5,000 images
-for 3 epochs, seed 0; 1,000 test images; measured on 2 shared AMD EPYC CPU cores): intact error
-53.4 % [50.6, 57.2] (residual) and 63.4 % [60.3, 66.2] (plain). Deleting one non-downsampling block
-raises the residual net's error by a median 6.2 pp (largest: 31 pp, its first block), the plain
-net's by 26.7 pp, close to chance; the residual net's downsampling blocks cost up to 12.3 pp. Block
-attributions rank the residual net's blocks like their deletion effects (Spearman 0.63 for
-gradient x activation, 0.53 for integrated gradients) and the plain net's not at all (-0.05).
-Three epochs leave the residual net far from converged; Veit et al.'s near-zero effects need the
-paper's training (``--scale paper``, for a GPU).
+Inputs: model sources (project ``.ckpt`` files, ``train_zoo`` run folders, torchvision state_dict
+files, ``torchvision:ARCH`` or ``timm:NAME``; ImageNet models on ``--data imagefolder=PATH``).
+Without a model the study trains its own nets (``--train``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Literal, Sequence
 
 import pandas as pd
 
-from ..models import LESION_MODES
-from ..models.compiled import EVALUATION_PATHS, evaluation_model
-from .analysis_inputs import add_model_arguments, check_labels, open_analysis, study_models
-from .options import study_parser
+from ..attribution import block_attributions
+from ..lesion import evaluate_deletion_sets, k_random_sweep, reorder_sweep, swappable_groups
+from ..lesion import mean_ci as bootstrap_mean_ci
+from ..lesion.table import metrics_table, sweep_options
+from ..models import LESION_MODES, anatomy
+from ..models.compiled import evaluation_model
+from .analysis import analysis_run
+from .spec import StudyCommand
+from .inputs import StudyData, StudyModel, Zoo
+from .lesion_report import NON_DOWNSAMPLING, write_lesion_report
+from .runs import StudyResult
+from .train_zoo import ZooSettings
 
 FAMILIES = ("plain", "highway", "residual", "preact")   # taken from train_zoo folders (highway: gate closed)
-QUICK: dict[str, Any] = dict(
-    n_examples=1000,            # test images evaluated (a seeded subset)
-    batch_size=250,             # examples per forward chunk
-    mode="zero_branch",         # lesion: ReLU(S(x)) (zero_branch) or S(x) (shortcut_only)
-    k_max=8,                    # largest number of randomly deleted blocks
-    n_sets=10,                  # random deletion sets per k
-    k_swaps=(1, 2, 4, 8),       # numbers of random within-stage swaps
-    reorder_sets=5,             # random orders per number of swaps
-    n_resamples=200,            # bootstrap resamples per interval
-    evaluation="eager",         # sweeps run eager, BN "folded", or folded and "compiled" (the GPU fast path)
-    attribution_examples=64,    # images attributed with captum
-    attribution_methods=("gradient_x_activation", "integrated_gradients"),   # () skips attribution
-    attribution_steps=16,       # integration steps (integrated gradients, conductance; baseline: black image)
-    families=("residual", "plain"), depth=20,          # nets trained when no checkpoint is given
-    recipe="fast", lr=0.2, epochs=3, train_limit=5000, val_size=1000, augment=False)
-PAPER: dict[str, Any] = dict(
-    n_examples=10_000, batch_size=1000, mode="zero_branch",
-    k_max=20, n_sets=100,       # Veit et al. Fig. 5a: up to 20 of ResNet-110's 54 blocks
-    k_swaps=(1, 2, 4, 8, 16, 32), reorder_sets=50,
-    n_resamples=1000, evaluation="compiled", attribution_examples=1000,
-    attribution_methods=("gradient_x_activation", "integrated_gradients", "conductance"), attribution_steps=32,
-    families=("residual", "plain"), depth=110,
-    recipe="paper", lr=0.1, epochs=182, train_limit=None, val_size=5000, augment=True)  # 182 epochs ~ 64k it.
+TITLE = "Lesion study: deleting and reordering blocks (Veit et al. 2016)"
 
 
-def build_parser():
-    p = study_parser("lesion", "Delete and reorder the blocks of trained ResNets (Veit et al. 2016) and compare "
-                               "each block's deletion effect with its captum attribution.")
-    add_model_arguments(p)
-    p.add_argument("--mode", choices=LESION_MODES, default=None,
-                   help="a deleted block outputs ReLU(S(x)) (zero_branch) or S(x) (shortcut_only)")
-    p.add_argument("--n-examples", dest="n_examples", type=int, default=None, help="test images evaluated")
-    p.add_argument("--k-max", dest="k_max", type=int, default=None, help="most randomly deleted blocks")
-    p.add_argument("--n-sets", dest="n_sets", type=int, default=None, help="random deletion sets per k")
-    p.add_argument("--k-swaps", dest="k_swaps", type=int, nargs="+", default=None, help="numbers of swaps")
-    p.add_argument("--n-resamples", dest="n_resamples", type=int, default=None, help="bootstrap resamples")
-    p.add_argument("--evaluation", choices=EVALUATION_PATHS, default=None,
-                   help="sweeps run the net eager, with BN folded, or folded and compiled block by block")
-    return p
+@dataclass(frozen=True)
+class LesionSettings:
+    """Sizes of the lesion study.
+
+    Args:
+        n_examples: test images evaluated (a seeded subset).
+        batch_size: examples per forward chunk.
+        mode: a deleted block outputs ReLU(S(x)) (``zero_branch``) or S(x) (``shortcut_only``).
+        k_max: most randomly deleted blocks.
+        n_sets: random deletion sets per k.
+        k_random_blocks: blocks the random sets draw from: ``non_downsampling`` (identity shortcuts, as
+            Veit et al.) or ``all``.
+        k_swaps: numbers of random within-stage swaps of two blocks.
+        reorder_sets: random orders per number of swaps.
+        n_resamples: bootstrap resamples per interval.
+        evaluation: sweeps run the net ``eager``, with BN ``folded`` into the convolutions, or folded and
+            ``compiled`` block by block.
+        attribution_examples: images attributed with captum.
+        attribution_methods: captum methods (``gradient_x_activation``, ``integrated_gradients``,
+            ``conductance``); empty: no attribution.
+        attribution_steps: integration steps (baseline: black image).
+    """
+
+    n_examples: int = 1000
+    batch_size: int = 250
+    mode: Literal["zero_branch", "shortcut_only"] = "zero_branch"
+    k_max: int = 8
+    n_sets: int = 10
+    k_random_blocks: Literal["non_downsampling", "all"] = "non_downsampling"
+    k_swaps: tuple[int, ...] = (1, 2, 4, 8)
+    reorder_sets: int = 5
+    n_resamples: int = 200
+    evaluation: Literal["eager", "folded", "compiled"] = "eager"
+    attribution_examples: int = 64
+    attribution_methods: tuple[str, ...] = ("gradient_x_activation", "integrated_gradients")
+    attribution_steps: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in LESION_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; valid: {', '.join(LESION_MODES)}")
+        for name in ("n_examples", "batch_size", "n_sets", "reorder_sets", "n_resamples", "attribution_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.k_max < 0:
+            raise ValueError(f"k_max must be >= 0; got {self.k_max}")
+
+    @classmethod
+    def quick(cls) -> "LesionSettings":
+        return cls()
+
+    @classmethod
+    def paper(cls) -> "LesionSettings":
+        """Veit et al.: 10,000 test images, up to 20 of ResNet-110's 54 blocks deleted, 100 sets per k."""
+        return cls(n_examples=10_000, batch_size=1000, k_max=20, n_sets=100, k_swaps=(1, 2, 4, 8, 16, 32),
+                   reorder_sets=50, n_resamples=1000, evaluation="compiled", attribution_examples=1000,
+                   attribution_methods=("gradient_x_activation", "integrated_gradients", "conductance"),
+                   attribution_steps=32)
+
+    @classmethod
+    def tiny(cls) -> "LesionSettings":
+        return cls(n_examples=64, batch_size=64, k_max=2, n_sets=2, k_swaps=(1,), reorder_sets=2, n_resamples=20,
+                   attribution_examples=8, attribution_steps=4)
+
+
+def trained_nets(scale: str) -> ZooSettings:
+    """The nets trained when no model is given: a residual net and the plain-20 comparison net."""
+    if scale == "paper":
+        return ZooSettings.paper().only(("plain", "residual"), {"plain": (20,), "residual": (110,)})
+    base = ZooSettings.tiny() if scale == "tiny" else replace(
+        ZooSettings.quick(), lr=0.2, train_limit=5000, batch_size=128, val_every_n_steps=40)
+    return base.only(("plain", "residual"), (base.depths["residual"][-1],))
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -96,61 +140,81 @@ def tidy_sweep(df: pd.DataFrame, keys: dict, id_cols: list[str]) -> pd.DataFrame
     return out
 
 
-def single_block(model, x, y, s: dict, seed: int, keys: dict) -> pd.DataFrame:
-    """Fig. 3: each block deleted on its own; ``error_increase_pp`` is paired with the intact net."""
-    from ..lesion import evaluate_deletion_sets, mean_ci
-    from ..lesion.table import metrics_table, sweep_options
-    from ..models import anatomy
+def deletable_blocks(model, family: str) -> list[int]:
+    """Blocks whose deletion leaves a shortcut the trained net has: every block, except a plain net's
+    stage-change blocks (deleting one would insert a zero-pad or projection the plain net never had)."""
+    return [i for i, b in enumerate(anatomy(model).blocks) if not (family == "plain" and b.downsampling)]
 
+
+def single_block(model, family: str, x, y, s: LesionSettings, seed: int, keys: dict
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fig. 3: each deletable block deleted on its own.
+
+    Returns:
+        The tidy rows (error, loss, KL per deletion; ``error_increase_pp`` paired with the intact net per
+        block; ``mean_error_increase_pp`` over the identity-shortcut blocks, the headline effect) and the
+        per-image table behind that effect: for image ``j``, ``100 * mean_i (error_ij - intact_error_j)``
+        over those blocks, which paired comparisons between models (on the same images) resample.
+    """
     anat = anatomy(model)
-    opts = sweep_options(batch_size=s["batch_size"], n_resamples=s["n_resamples"])
-    m = evaluate_deletion_sets(model, [[i] for i in range(len(anat))], x, y, mode=s["mode"],
-                               batch_size=s["batch_size"])
-    meta = [{"site": b.name, "path": b.path, "stage": b.stage, "position": i, "downsampling": b.downsampling}
-            for i, b in enumerate(anat.blocks)]
+    keep = deletable_blocks(model, family)
+    opts = sweep_options(batch_size=s.batch_size, n_resamples=s.n_resamples)
+    m = evaluate_deletion_sets(model, [[i] for i in keep], x, y, mode=s.mode, batch_size=s.batch_size)
+    meta = [{"site": anat.blocks[i].name, "path": anat.blocks[i].path, "stage": anat.blocks[i].stage,
+             "position": i + 1, "downsampling": anat.blocks[i].downsampling} for i in keep]
     df = tidy_sweep(metrics_table(meta, m, opts, seed), keys, list(meta[0]))
-    inc, lo, hi = mean_ci(100.0 * (m.error - m.intact_error[None]), n_resamples=s["n_resamples"], seed=seed)
-    extra = pd.DataFrame(meta).assign(metric="error_increase_pp", value=inc, lo=lo, hi=hi)
+    increase = 100.0 * (m.error - m.intact_error[None])           # (blocks, images), percentage points
+    inc, lo, hi = bootstrap_mean_ci(increase, n_resamples=s.n_resamples, seed=seed)
+    rows = [pd.DataFrame(meta).assign(metric="error_increase_pp", value=inc, lo=lo, hi=hi)]
+    identity = [j for j, i in enumerate(keep) if not anat.blocks[i].downsampling]
+    per_image = pd.DataFrame()
+    if identity:
+        value = increase[identity].mean(axis=0)
+        mean, lo, hi = bootstrap_mean_ci(value, n_resamples=s.n_resamples, seed=seed)
+        rows.append(pd.DataFrame([{"site": NON_DOWNSAMPLING, "path": "", "stage": 0, "position": 0,
+                                   "downsampling": False, "metric": "mean_error_increase_pp", "value": float(mean[0]),
+                                   "lo": float(lo[0]), "hi": float(hi[0])}]))
+        per_image = pd.DataFrame({**keys, "site": NON_DOWNSAMPLING, "metric": "image_error_increase_pp",
+                                  "image": range(len(value)), "value": value})
+    extra = pd.concat(rows, ignore_index=True)
     for k, v in reversed(list(keys.items())):
         extra.insert(0, k, v)
-    return pd.concat([df, extra], ignore_index=True).assign(mode=s["mode"])
+    return pd.concat([df, extra], ignore_index=True).assign(mode=s.mode), per_image
 
 
-def k_random(model, x, y, s: dict, seed: int, keys: dict) -> pd.DataFrame:
-    """Fig. 5a: ``n_sets`` random sets of ``k`` deleted blocks for ``k = 0..k_max`` (``k = 0``: intact)."""
-    from ..lesion import k_random_sweep
-    from ..models import anatomy
-    ks = tuple(range(0, min(s["k_max"], len(anatomy(model))) + 1))
-    df = k_random_sweep(model, x, y, ks=ks, n_sets=s["n_sets"], seed=seed, mode=s["mode"],
-                        batch_size=s["batch_size"], n_resamples=s["n_resamples"])
+def k_random(model, x, y, s: LesionSettings, seed: int, keys: dict) -> pd.DataFrame:
+    """Fig. 5a: ``n_sets`` random sets of ``k`` deleted blocks for ``k = 0..k_max`` (``k = 0``: intact), drawn
+    from ``k_random_blocks``."""
+    anat = anatomy(model)
+    pool = [i for i, b in enumerate(anat.blocks) if s.k_random_blocks == "all" or not b.downsampling]
+    ks = tuple(range(0, min(s.k_max, len(pool)) + 1))
+    df = k_random_sweep(model, x, y, ks=ks, n_sets=s.n_sets, seed=seed, mode=s.mode, batch_size=s.batch_size,
+                        n_resamples=s.n_resamples, blocks=pool)
     df["site"] = "network"
-    return tidy_sweep(df, keys, ["site", "k", "set", "deleted"]).assign(mode=s["mode"])
+    return tidy_sweep(df, keys, ["site", "k", "set", "deleted"]).assign(mode=s.mode, drawn_from=s.k_random_blocks)
 
 
-def reorder(model, x, y, s: dict, seed: int, keys: dict) -> pd.DataFrame | None:
+def reorder(model, x, y, s: LesionSettings, seed: int, keys: dict) -> pd.DataFrame | None:
     """Fig. 5b: ``k`` random swaps of blocks within a stage; ``None`` when no stage has two swappable blocks."""
-    from ..lesion import reorder_sweep, swappable_groups
-    from ..models import anatomy
     if not swappable_groups(anatomy(model)):
         return None
-    df = reorder_sweep(model, x, y, k_swaps=tuple(s["k_swaps"]), n_sets=s["reorder_sets"], seed=seed,
-                       batch_size=s["batch_size"], n_resamples=s["n_resamples"])
+    df = reorder_sweep(model, x, y, k_swaps=tuple(s.k_swaps), n_sets=s.reorder_sets, seed=seed,
+                       batch_size=s.batch_size, n_resamples=s.n_resamples)
     df["site"] = "network"
     return tidy_sweep(df, keys, ["site", "k_swaps", "set", "kendall_tau", "moved"])
 
 
-def attribution(model, x, y, s: dict, keys: dict) -> pd.DataFrame:
+def attribution(model, x, y, s: LesionSettings, keys: dict) -> pd.DataFrame:
     """Per-block captum attributions of the true-class logit to each block's output (``resnet_probe.attribution``).
 
     ``value`` is the mean over ``attribution_examples`` images of the summed ``|attribution|`` over
     the block output; ``signed`` the mean of the plain sum; ``metric`` names the method.
     """
-    from ..attribution import block_attributions
-    n = min(s["attribution_examples"], len(x))
+    n = min(s.attribution_examples, len(x))
     parts = []
-    for method in s["attribution_methods"]:
-        df = block_attributions(model, x[:n], y[:n], method=method, n_steps=s["attribution_steps"],
-                                batch_size=s["batch_size"])
+    for method in s.attribution_methods:
+        df = block_attributions(model, x[:n], y[:n], method=method, n_steps=s.attribution_steps,
+                                batch_size=s.batch_size)
         parts.append(pd.DataFrame({**keys, "site": df["block"], "stage": df["stage"],
                                    "downsampling": df["downsampling"], "metric": method,
                                    "value": df["attribution"], "signed": df["attribution_signed"],
@@ -158,31 +222,35 @@ def attribution(model, x, y, s: dict, keys: dict) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-# ---- the study ----------------------------------------------------------------------------------
+def measure(s: LesionSettings):
+    """The lesion measurement of one model (single-block, k-random, reordering, attribution tables)."""
+    def one(sm: StudyModel, x, y, keys: dict) -> dict[str, pd.DataFrame]:
+        keys = {**keys, "family": sm.family, "depth": sm.depth}
+        net = evaluation_model(sm.model, s.evaluation)  # the sweeps' network; captum reads sm.model
+        single, per_image = single_block(net, sm.family, x, y, s, sm.seed, keys)
+        tables = {"single_block": single, "k_random": k_random(net, x, y, s, sm.seed, keys)}
+        if len(per_image):
+            tables["deletion_per_image"] = per_image
+        reo = reorder(net, x, y, s, sm.seed, keys)
+        if reo is not None:
+            tables["reorder"] = reo
+        if s.attribution_methods:
+            tables["attribution"] = attribution(sm.model, x, y, s, keys)
+        return tables
+    return one
 
-def main(argv: list[str] | None = None) -> Path:
-    """Run the lesion study; returns the run folder."""
-    from ..report import new_run
-    args, s, device, data, config = open_analysis(build_parser(), argv, QUICK, PAPER)
-    with new_run("lesion", out=args.out, config=config, data=data.provenance, source_file=__file__, argv=argv,
-                 title="Lesion study: deleting and reordering blocks (Veit et al. 2016)") as run:
-        tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("single_block", "k_random", "reorder", "attribution")}
-        for sm in study_models(args, s, data, device, run, families=FAMILIES):
-            keys = {"run": run.path.name, "seed": sm.seed, "model": sm.name}
-            check_labels(sm, data)
-            x, y = data.images, data.labels
-            print(f"lesion: {sm.name} (seed {sm.seed}): {len(sm.blocks)} blocks, {len(y)} images", flush=True)
-            net = evaluation_model(sm.model, s["evaluation"])  # the sweeps' network; captum reads sm.model
-            tables["single_block"].append(single_block(net, x, y, s, sm.seed, keys))
-            tables["k_random"].append(k_random(net, x, y, s, sm.seed, keys))
-            reo = reorder(net, x, y, s, sm.seed, keys)
-            if reo is not None:
-                tables["reorder"].append(reo)
-            if s["attribution_methods"]:
-                tables["attribution"].append(attribution(sm.model, x, y, s, keys))
-            for name, parts in tables.items():
-                if parts:
-                    run.add_table(name, pd.concat(parts, ignore_index=True))
-        from .lesion_report import write_lesion_report
-        write_lesion_report(run, s, data)
-    return run.path
+
+def run(settings: LesionSettings, models: Zoo | Sequence | None, data: StudyData, *, out: str | Path = "runs",
+        seeds: Sequence[int] = (0,), device: str = "auto", train: ZooSettings | None = None,
+        scale: str | None = None) -> StudyResult:
+    """Delete and reorder the blocks of ``models`` (or of nets trained here) on ``data``'s test images."""
+    return analysis_run("lesion", title=TITLE, source_file=__file__, settings=settings, models=models, data=data,
+                        out=out, seeds=seeds, device=device, train=train or trained_nets(scale or "quick"),
+                        scale=scale, measure=measure(settings),
+                        report=lambda r, tables, d, n: write_lesion_report(r, tables, settings, d, n))
+
+
+COMMAND = StudyCommand(
+    name="lesion", run=run, settings=LesionSettings, inputs="models", train=trained_nets, families=FAMILIES,
+    description="Delete and reorder the blocks of trained ResNets (Veit et al. 2016) and compare each block's "
+                "deletion effect with its captum attribution.")

@@ -1,114 +1,194 @@
-"""Train plain / highway / residual CIFAR nets over depths and seeds: the checkpoints the other studies read.
+"""Train plain / highway / residual CIFAR nets over depths and seeds: the networks the other studies read.
 
 Question: the input of every other study -- the same networks, trained the same way, kept together.
-Each model is trained through the project's LightningModule and written to
-``<run>/models/<family>-<depth>-seed<s>/`` (``last.ckpt``, Lightning's ``metrics.csv``, and
-``probe_gradients.csv``: per-block parameter-gradient norms recorded by ``ProbeCallback`` every few
-steps). Several seeds of one architecture are trained side by side as one grouped network
-(``GroupedClassifier``) on a GPU (``--set seeds_side_by_side=True`` / ``False`` forces it on / off): they share
-the first seed's validation split, each has its own weights, batch order and augmentation, their
-log and gradient norms go to ``<family>-<depth>-seeds<a>-<b>.../`` and each model is exported as an
+Each model is trained through the project's LightningModule (``resnet_probe.train.fit``) and written
+to ``<run>/models/<family>-<depth>-seed<s>/`` (``last.ckpt``, Lightning's ``metrics.csv``, and
+``probe_gradients.csv``: per-block gradient norms recorded by ``ProbeCallback`` every few steps).
+Several seeds of one architecture are trained side by side as one grouped network
+(``GroupedClassifier``) on a GPU (``seeds_side_by_side``: ``auto`` = on CUDA); each is exported as an
 ordinary ``<family>-<depth>-seed<s>/last.ckpt``. The run's tables are ``curves`` (training /
 validation error and loss against the iteration), ``final`` (per model and seed: final train /
-validation / test error and loss, steps, seconds, and the ``checkpoint`` path relative to the run
-folder) and ``gradients`` (the gradient records of all models).
+validation / test error and loss, steps, seconds, parameters, and the ``checkpoint`` path relative to
+the run folder) and ``gradients`` (the gradient records of all models).
 
-Scales: ``quick`` trains plain and residual nets of depths 8 and 20 and a highway net of depth 20 on a
-few thousand training images for 3 epochs with the one-cycle ``fast`` recipe (CPU, minutes); ``paper`` is He et al. 2016's recipe (45k/5k split, crop + flip,
-SGD 0.1 /10 at 32k and 48k, 64k iterations) for depths 20, 32, 44, 56 and 110, for a GPU.
-
-Result at quick scale (2 idle AMD EPYC cores, 1 torch thread, JPEG pack, seed 0; measured 2026-11-23):
-training took 22 s (plain-8), 60 s (plain-20), 93 s (highway-20), 22 s (residual-8) and 62 s
-(residual-20); final train / test error 59.0 / 57.3 % (plain-8), 65.6 / 62.3 %
-(plain-20), 66.3 / 65.6 % (highway-20), 57.3 / 55.8 % (residual-8) and 57.2 / 54.0 % (residual-20), on 4,000
-training and 1,000 test images after 3 epochs (189 steps).
+Scales: ``quick`` trains plain and residual nets of depths 8 and 20 and a highway net of depth 20 on
+4,000 training images for 3 epochs with the one-cycle ``fast`` recipe (CPU, minutes); ``paper`` is He
+et al. 2016's recipe (45k/5k split, crop + flip, SGD 0.1 /10 at 32k and 48k, 64k iterations) for
+depths 20, 32, 44, 56 and 110, for a GPU; ``tiny`` is a seconds-long smoke test.
 """
 from __future__ import annotations
 
-import argparse
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
-from .options import resolve_data, resolve_device, scale_settings, set_threads, study_parser
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
 
-FAMILIES = ("plain", "highway", "residual")
-QUICK: dict[str, Any] = dict(
-    families=FAMILIES,
-    depths={"plain": (8, 20), "highway": (20,), "residual": (8, 20)},  # per family (or one list for all)
-    recipe="fast", lr=0.1,               # one-cycle peak learning rate (batch 64)
-    epochs=3, max_steps=None,            # training length: epochs (quick) / optimizer steps (paper)
-    train_limit=4000, val_size=1000,     # images: training subset, held-out validation images
-    test_limit=1000,                     # test images for the final test error
-    batch_size=64, augment=False,        # batch 64: twice the optimizer steps of 128 at the same CPU cost
-    log_every_n_steps=10,                # optimizer steps between training-curve points
-    val_every_n_steps=63,                # optimizer steps between validation-curve points (= 1 epoch)
-    grad_every_n_steps=5,                # optimizer steps between gradient-norm records
-    seeds_side_by_side="auto",           # several seeds as one grouped network: True, False, "auto" (on CUDA)
-    compile=False)                       # torch.compile the network (CUDA only)
-PAPER: dict[str, Any] = dict(
-    families=FAMILIES, depths=(20, 32, 44, 56, 110),
-    recipe="paper", lr=0.1,
-    epochs=None, max_steps=64_000,       # 64k iterations, lr /10 at 32k and 48k (He et al. 2016, 4.2)
-    train_limit=None, val_size=5000,     # the 45k / 5k split
-    test_limit=None,
-    batch_size=128, augment=True,
-    log_every_n_steps=100,
-    val_every_n_steps=2000,
-    grad_every_n_steps=500,
-    seeds_side_by_side="auto",
-    compile=True)
+from ..atomic import atomic_path
+from ..data import CifarDataModule, normalize, random_subset
+from ..models import count_parameters
+from ..probes.callback import GRADIENTS_CSV, ProbeCallback
+from ..report import format_mean_std
+from ..train import CifarClassifier
+from ..train.fit import fit, quiet_lightning, resolve_device
+from ..train.grouped import GroupedClassifier, per_model_train_batches
+from .inputs import StudyData, StudyModel, Zoo, family_rank, load_model_source, model_name
+from .spec import StudyCommand
+from .runs import StudyResult, progress, study_config, study_run
+
+FAMILIES = ("plain", "highway", "residual", "preact")
+TITLE = "Model zoo: plain / highway / residual"
 
 
-def model_name(family: str, depth: int) -> str:
-    """``plain-20``: how models are named in every table."""
-    return f"{family}-{depth}"
+@dataclass(frozen=True)
+class ZooSettings:
+    """The networks to train and how (He et al. 2016, section 4.2, at ``paper`` scale).
 
-
-def family_rank(family: str) -> int:
-    """Where a family sorts in tables and figures: plain, highway, residual, then the others."""
-    return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
-
-
-def model_grid(settings: dict) -> list[tuple[str, int]]:
-    """The ``(family, depth)`` pairs to train, in order.
-
-    ``settings["depths"]`` is either one list of depths for every family or a mapping family -> depths.
-
-    Raises:
-        ValueError: the mapping has no depths for one of ``settings["families"]``.
+    Args:
+        families: families trained (plain, highway, residual, preact).
+        depths: per family, the depths (6n+2 layers) trained.
+        recipe: ``fast`` (one-cycle, for CPU-length runs) or ``paper`` (SGD 0.1, /10 at 32k and 48k).
+        lr: peak (fast) or initial (paper) learning rate.
+        epochs: training length in epochs (``None``: by ``max_steps``).
+        max_steps: training length in optimizer steps (``None``: by ``epochs``).
+        train_limit: training images, a seeded subset (``None``: all 45,000).
+        val_size: training images held out for validation.
+        test_limit: test images for the final test error (``None``: all 10,000).
+        batch_size: images per optimizer step.
+        augment: pad-4 random crop and horizontal flip.
+        log_every_n_steps: optimizer steps between training-curve points.
+        val_every_n_steps: optimizer steps between validation-curve points.
+        grad_every_n_steps: optimizer steps between gradient-norm records.
+        seeds_side_by_side: train several seeds as one grouped network: ``auto`` (on CUDA), ``yes``, ``no``.
+        compile: torch.compile the network (CUDA only).
+        gate_bias_decay: apply weight decay to the highway gate biases (off: decay would pull the
+            carry-biased initialisation towards zero, and the highway study reports those biases).
+        train_eval_examples: training images each net is evaluated on after training, in eval mode, one
+            error per image (the data of the degradation study's interval).
     """
-    depths = settings["depths"]
-    pairs = []
-    for family in settings["families"]:
-        chosen = depths.get(family) if isinstance(depths, Mapping) else depths
-        if not chosen:
-            raise ValueError(f"no depths for family {family!r} in depths={depths!r}; give a list for every "
-                             f"family or a mapping with an entry for each of {list(settings['families'])}")
-        pairs += [(family, int(d)) for d in chosen]
-    return pairs
+
+    families: tuple[str, ...] = ("plain", "highway", "residual")
+    depths: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {"plain": (8, 20), "highway": (20,), "residual": (8, 20)})
+    recipe: Literal["fast", "paper"] = "fast"
+    lr: float = 0.1
+    epochs: int | None = 3
+    max_steps: int | None = None
+    train_limit: int | None = 4000
+    val_size: int = 1000
+    test_limit: int | None = 1000
+    batch_size: int = 64
+    augment: bool = False
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 63
+    grad_every_n_steps: int = 5
+    seeds_side_by_side: Literal["auto", "yes", "no"] = "auto"
+    compile: bool = False
+    gate_bias_decay: bool = False
+    train_eval_examples: int = 1000
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; valid: {', '.join(FAMILIES)}")
+        object.__setattr__(self, "families", tuple(self.families))
+        object.__setattr__(self, "depths", {f: tuple(int(d) for d in ds) for f, ds in dict(self.depths).items()})
+        for f in self.families:
+            depths = self.depths.get(f)
+            if not depths:
+                raise ValueError(f"no depths for family {f!r}: give depths as {{family: [depth, ...]}} for each of "
+                                 f"{', '.join(self.families)}")
+            bad = [d for d in depths if d < 8 or (d - 2) % 6]
+            if bad:
+                raise ValueError(f"depths must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...); got {bad} for {f}")
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError(f"give exactly one of epochs and max_steps; got epochs={self.epochs}, "
+                             f"max_steps={self.max_steps}")
+        for name in ("batch_size", "val_size", "log_every_n_steps", "val_every_n_steps", "grad_every_n_steps",
+                     "train_eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+
+    @classmethod
+    def quick(cls) -> "ZooSettings":
+        """Depths 8 and 20 (highway 20), 4,000 images, 3 epochs: minutes on a CPU."""
+        return cls()
+
+    @classmethod
+    def paper(cls) -> "ZooSettings":
+        """He et al. 2016: 45k / 5k split, crop + flip, batch 128, SGD 0.1 /10 at 32k and 48k, 64k iterations."""
+        return cls(depths={f: (20, 32, 44, 56, 110) for f in ("plain", "highway", "residual")}, recipe="paper",
+                   lr=0.1, epochs=None, max_steps=64_000, train_limit=None, val_size=5000, test_limit=None,
+                   batch_size=128, augment=True, log_every_n_steps=100, val_every_n_steps=2000,
+                   grad_every_n_steps=500, compile=True)
+
+    @classmethod
+    def tiny(cls) -> "ZooSettings":
+        """A smoke test in seconds (not a result)."""
+        return cls(depths={"plain": (8, 14), "highway": (14,), "residual": (8, 14)}, epochs=1, train_limit=128,
+                   val_size=64, test_limit=64, batch_size=64, log_every_n_steps=1, val_every_n_steps=1,
+                   grad_every_n_steps=1, train_eval_examples=64)
+
+    def only(self, families: Sequence[str], depths: Sequence[int] | dict[str, Sequence[int]] | None = None
+             ) -> "ZooSettings":
+        """These settings for ``families`` only (and other ``depths``: one list for all, or per family)."""
+        chosen = depths if depths is not None else self.depths
+        per = {f: tuple(chosen[f] if isinstance(chosen, dict) else chosen) for f in families}
+        return replace(self, families=tuple(families), depths=per)
+
+    @property
+    def grid(self) -> list[tuple[str, int]]:
+        """The ``(family, depth)`` pairs trained, in order."""
+        return [(f, d) for f in self.families for d in self.depths[f]]
+
+    def side_by_side(self, seeds: Sequence[int], device: str) -> bool:
+        """Whether several ``seeds`` train as one grouped network (``auto``: on CUDA only; on a CPU it saves
+        no time)."""
+        return len(seeds) > 1 and (self.seeds_side_by_side == "yes"
+                                   or (self.seeds_side_by_side == "auto" and device == "cuda"))
+
+    @property
+    def data_sizes(self) -> tuple[int | None, int | None]:
+        """Training and test images these settings use (``None`` = all), to size a synthetic set."""
+        n_train = None if self.train_limit is None else self.train_limit + self.val_size
+        return n_train, self.test_limit
+
+    def describe(self, seeds: Sequence[int], device: str) -> str:
+        """One Markdown paragraph stating the training setup."""
+        length = f"{self.max_steps:,} iterations" if self.max_steps else f"{self.epochs} epochs"
+        images = "all training images" if self.train_limit is None else f"{self.train_limit:,} training images"
+        tests = "all" if self.test_limit is None else f"{self.test_limit:,}"
+        depths = "; ".join(f"{f} {', '.join(map(str, self.depths[f]))}" for f in self.families)
+        together = (f" The seeds of each network were trained side by side as one grouped network, sharing seed "
+                    f"{seeds[0]}'s validation split, each with its own initialisation, batch order and augmentation."
+                    if self.side_by_side(seeds, device) else "")
+        decay = "" if "highway" not in self.families else (
+            " Highway gate biases are " + ("" if self.gate_bias_decay else "not ") + "weight-decayed.")
+        return (f"Depths: {depths}; seeds {', '.join(map(str, seeds))}. Recipe `{self.recipe}` (lr {self.lr}), "
+                f"{length}, batch {self.batch_size}, {images} ({self.val_size:,} held out for validation), "
+                f"augmentation {'pad-4 crop + flip' if self.augment else 'off'}; test error on {tests} test "
+                f"images.{together}{decay}")
 
 
-def _depths_text(settings: dict) -> str:
-    depths = settings["depths"]
-    if isinstance(depths, Mapping):
-        return "; ".join(f"{f} {', '.join(map(str, depths[f]))}" for f in settings["families"])
-    return ", ".join(map(str, depths))
+# ---- training one network -------------------------------------------------------------------------
+
+class ValidationCurve(pl.Callback):
+    """Keeps ``(optimizer steps done, {val metric: value})`` after every validation."""
+
+    def __init__(self):
+        self.points: list[tuple[int, dict[str, float]]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        m = trainer.callback_metrics
+        if "val_error" in m and not trainer.sanity_checking:
+            self.points.append((int(trainer.global_step), {k: float(v) for k, v in m.items() if k.startswith("val_")}))
 
 
-def add_training_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by the studies that train (``None`` = the scale's setting)."""
-    p.add_argument("--families", nargs="+", choices=FAMILIES + ("preact",), default=None)
-    p.add_argument("--depths", nargs="+", type=int, default=None, help="depths 6n+2, e.g. 8 20 56")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--train-limit", dest="train_limit", type=int, default=None, help="training images")
-    p.add_argument("--test-limit", dest="test_limit", type=int, default=None, help="test images")
-    p.add_argument("--lr", type=float, default=None, help="initial (paper) or peak (fast) learning rate")
-
-
-def _curves(raw: "pd.DataFrame", validations: list[tuple[int, dict]], keys: dict, model: str = "") -> "pd.DataFrame":
+def _curves(raw: pd.DataFrame, validations: list[tuple[int, dict]], keys: dict, model: str = "") -> pd.DataFrame:
     """Tidy training curves: error in percent and loss against the optimizer step.
 
     Training points are Lightning's ``train_*_step`` records in ``raw`` (its ``metrics.csv``: the mean over
@@ -116,7 +196,6 @@ def _curves(raw: "pd.DataFrame", validations: list[tuple[int, dict]], keys: dict
     after ``step`` optimizer steps. ``model`` is the suffix of one model's columns in a side-by-side run
     (``/model1``), else empty.
     """
-    import pandas as pd
     rows = []
     for column, metric, scale in (("train_error_step", "error_percent", 100.0), ("train_loss_step", "loss", 1.0)):
         column += model
@@ -132,65 +211,31 @@ def _curves(raw: "pd.DataFrame", validations: list[tuple[int, dict]], keys: dict
     return pd.DataFrame(rows).sort_values(["split", "metric", "step"], kind="stable", ignore_index=True)
 
 
-def _validation_recorder():
-    """A callback keeping ``(optimizer steps done, {val metric: value})`` after every validation."""
-    import pytorch_lightning as pl
-
-    class ValidationCurve(pl.Callback):
-        def __init__(self):
-            self.points: list[tuple[int, dict[str, float]]] = []
-
-        def on_validation_end(self, trainer, pl_module) -> None:
-            m = trainer.callback_metrics
-            if "val_error" in m and not trainer.sanity_checking:
-                self.points.append((int(trainer.global_step),
-                                    {k: float(v) for k, v in m.items() if k.startswith("val_")}))
-
-    return ValidationCurve()
+def _datamodule(source, s: ZooSettings, seed: int) -> CifarDataModule:
+    return CifarDataModule.from_source(source, batch_size=s.batch_size, val_size=s.val_size, split_seed=seed,
+                                       train_limit=s.train_limit, test_limit=s.test_limit, augment=s.augment,
+                                       seed=seed)
 
 
-def _training_run(module, dm, out_dir: Path, settings: dict, device: str, run_name: str, name: str):
-    """The Trainer of one zoo training (the module's recipe length, CSV log, validation every
-    ``val_every_n_steps``) with its gradient-norm callback (``probe_gradients.csv``), and its
-    validation-curve callback."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import CSVLogger
-
-    from ..probes.callback import ProbeCallback
-
-    s = settings
-    grads = ProbeCallback(sites="*", every_n_epochs=0, every_n_steps=s["grad_every_n_steps"], out_dir=out_dir,
+def _train_and_evaluate(module, dm, s: ZooSettings, out_dir: Path, device: str, run_name: str, name: str,
+                        fit_data: dict, val: dict, test: dict) -> tuple[pl.Trainer, ValidationCurve, dict]:
+    """Train with a gradient-norm callback (``probe_gradients.csv``) and a validation-curve callback,
+    then validate and test; returns the Trainer, the curve and ``{seconds, train, val, test}`` metrics."""
+    grads = ProbeCallback(sites="*", every_n_epochs=0, every_n_steps=s.grad_every_n_steps, out_dir=out_dir,
                           run=run_name, model_name=name)
-    validations = _validation_recorder()
+    validations = ValidationCurve()
     limits = module.trainer_limits
     steps = limits["max_steps"] if limits["max_steps"] >= 0 else limits["max_epochs"] * dm.steps_per_epoch
-    cuda = device == "cuda"
-    trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-        **limits, logger=CSVLogger(out_dir, name="", version=""), callbacks=[grads, validations],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=s["log_every_n_steps"],
-        val_check_interval=min(s["val_every_n_steps"], steps), check_val_every_n_epoch=None)
-    return trainer, validations
-
-
-def _train_and_evaluate(trainer, module, fit: dict, val: dict, test: dict) -> dict[str, Any]:
-    """``trainer.fit(module, **fit)``, then validate and test (``**val``, ``**test``: their data);
-    returns the seconds of training, the final ``train_*`` metrics and the validation / test metrics."""
     start = time.perf_counter()
-    trainer.fit(module, **fit)
+    trainer = fit(module, **fit_data, device=device, out_dir=out_dir, callbacks=[grads, validations],
+                  log_every_n_steps=s.log_every_n_steps, val_check_interval=min(s.val_every_n_steps, steps),
+                  check_val_every_n_epoch=None)
     seconds = time.perf_counter() - start
     train = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
-    return {"seconds": seconds, "train": train, "val": trainer.validate(module, verbose=False, **val)[0],
-            "test": trainer.test(module, verbose=False, **test)[0]}
-
-
-def _data(source, settings: dict, seed: int):
-    from ..data import CifarDataModule
-    s = settings
-    return CifarDataModule.from_source(source, batch_size=s["batch_size"], val_size=s["val_size"], split_seed=seed,
-                                       train_limit=s["train_limit"], test_limit=s["test_limit"],
-                                       augment=s["augment"], seed=seed)
+    with quiet_lightning():
+        metrics = {"val": trainer.validate(module, verbose=False, **val)[0],
+                   "test": trainer.test(module, verbose=False, **test)[0]}
+    return trainer, validations, {"seconds": seconds, "train": train, **metrics}
 
 
 def _final(result: dict, steps: int, model: str = "") -> dict[str, float]:
@@ -204,48 +249,30 @@ def _final(result: dict, steps: int, model: str = "") -> dict[str, float]:
             "steps": float(steps), "train_seconds": result["seconds"]}
 
 
-def _gradients(out_dir: Path, family: str, depth: int) -> "pd.DataFrame":
-    import pandas as pd
-
-    from ..probes.callback import GRADIENTS_CSV
+def _gradients(out_dir: Path, family: str, depth: int) -> pd.DataFrame:
     path = out_dir / GRADIENTS_CSV
     return pd.read_csv(path).assign(family=family, depth=depth) if path.is_file() else pd.DataFrame()
 
 
-def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_dir: Path, device: str = "cpu",
+def _module_options(s: ZooSettings, device: str) -> dict[str, Any]:
+    return dict(recipe=s.recipe, lr=s.lr, epochs=s.epochs, max_steps=s.max_steps,
+                log_every_n_steps=s.log_every_n_steps, compile=s.compile and device == "cuda")
+
+
+def fit_model(family: str, depth: int, seed: int, source, s: ZooSettings, out_dir: Path, device: str = "cpu",
               run_name: str = "") -> dict[str, Any]:
     """Train one network, record its curves and gradient norms, evaluate it, save ``last.ckpt``.
-
-    Args:
-        family: ``plain``, ``highway``, ``residual`` (or ``preact``).
-        depth: 6n+2.
-        seed: seeds the weights, the validation split and the batch order.
-        source: the ``DataSource`` to train on.
-        settings: a scale's settings (see ``QUICK`` / ``PAPER``).
-        out_dir: the model's folder (created).
-        device: ``cpu`` or ``cuda``.
-        run_name: the ``run`` column of the tables.
 
     Returns:
         ``{"final": {metric: value}, "curves": DataFrame, "gradients": DataFrame, "checkpoint": Path}``.
     """
-    import pandas as pd
-
-    from ..atomic import atomic_path
-    from ..train import CifarClassifier
-    from ..train.quick import quiet_lightning
-
-    s = settings
     out_dir.mkdir(parents=True, exist_ok=True)
-    dm = _data(source, s, seed)
-    module = CifarClassifier(family, depth, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
-                             max_steps=s["max_steps"], seed=seed, log_every_n_steps=s["log_every_n_steps"],
-                             compile=s["compile"] and device == "cuda")
+    dm = _datamodule(source, s, seed)
+    module = CifarClassifier(family, depth, seed=seed, **_module_options(s, device))
     name = model_name(family, depth)
-    with quiet_lightning():
-        trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
-        data = {"datamodule": dm}
-        result = _train_and_evaluate(trainer, module, data, data, data)
+    data = {"datamodule": dm}
+    trainer, validations, result = _train_and_evaluate(module, dm, s, out_dir, device, run_name, name,
+                                                       data, data, data)
     ckpt = out_dir / "last.ckpt"
     with atomic_path(ckpt) as tmp:
         trainer.save_checkpoint(tmp, weights_only=False)
@@ -255,39 +282,28 @@ def fit_model(family: str, depth: int, seed: int, source, settings: dict, out_di
             "gradients": _gradients(out_dir, family, depth), "checkpoint": ckpt}
 
 
-def fit_side_by_side(family: str, depth: int, seeds: list[int], source, settings: dict, models_dir: Path,
+def fit_side_by_side(family: str, depth: int, seeds: list[int], source, s: ZooSettings, models_dir: Path,
                      device: str = "cpu", run_name: str = "") -> list[dict[str, Any]]:
     """Train one network per seed as one grouped network (``GroupedClassifier``), as ``fit_model`` would each.
 
     Model ``s`` starts from seed ``seeds[s]``'s weights and gets its own batch order and augmentation
     (seeded ``seeds[s]``); the models share the validation split of ``seeds[0]`` and are validated and
-    tested on the same images. The run's log (``metrics.csv`` with per-model columns) and gradient norms
-    (``probe_gradients.csv``, one row per model) go to ``<models_dir>/<name>-seeds<a>-<b>...``; each
-    model is exported as an ordinary checkpoint, ``<models_dir>/<name>-seed<s>/last.ckpt``.
+    tested on the same images. The run's log and gradient norms go to ``<models_dir>/<name>-seeds<a>-<b>...``;
+    each model is exported as an ordinary checkpoint, ``<models_dir>/<name>-seed<s>/last.ckpt``.
 
     Returns:
         one ``fit_model`` result per seed, in order (``train_seconds`` is the shared training time).
     """
-    import pandas as pd
-
-    from ..train.grouped import GroupedClassifier, per_model_train_batches
-    from ..train.quick import quiet_lightning
-
-    s = settings
     name = model_name(family, depth)
     out_dir = models_dir / f"{name}-seeds{'-'.join(map(str, seeds))}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    dm = _data(source, s, seeds[0])
+    dm = _datamodule(source, s, seeds[0])
     dm.setup("fit")
-    module = GroupedClassifier(family, depth, seeds=seeds, recipe=s["recipe"], lr=s["lr"], epochs=s["epochs"],
-                               max_steps=s["max_steps"], log_every_n_steps=s["log_every_n_steps"],
-                               compile=s["compile"] and device == "cuda")
-    with quiet_lightning():
-        trainer, validations = _training_run(module, dm, out_dir, s, device, run_name, name)
-        result = _train_and_evaluate(
-            trainer, module, {"train_dataloaders": per_model_train_batches(dm, seeds),
-                              "val_dataloaders": dm.val_dataloader()},
-            {"dataloaders": dm.val_dataloader()}, {"dataloaders": dm.test_dataloader()})
+    module = GroupedClassifier(family, depth, seeds=seeds, **_module_options(s, device))
+    trainer, validations, result = _train_and_evaluate(
+        module, dm, s, out_dir, device, run_name, name,
+        {"train_dataloaders": per_model_train_batches(dm, seeds), "val_dataloaders": dm.val_dataloader()},
+        {"dataloaders": dm.val_dataloader()}, {"dataloaders": dm.test_dataloader()})
     checkpoints = module.export_checkpoints(models_dir, filename=f"{name}-seed{{seed}}/last.ckpt")
     gradients = _gradients(out_dir, family, depth)
     log = pd.read_csv(out_dir / "metrics.csv")
@@ -302,189 +318,98 @@ def fit_side_by_side(family: str, depth: int, seeds: list[int], source, settings
     return out
 
 
-def train_models(run, source, settings: dict, seeds, device: str = "cpu") -> dict[str, "pd.DataFrame"]:
-    """Train every (family, depth, seed) of ``settings`` into ``run``'s folder and add its tables.
+def training_errors(model, source, s: ZooSettings, split_seed: int, device: str) -> np.ndarray:
+    """Top-1 error (0 / 1) of ``model``, in eval mode, on each of ``train_eval_examples`` training images: a
+    seeded subset of the training split its data module used (the same images for every net of a seed)."""
+    images, labels = _datamodule(source, s, split_seed).splits()["train"]
+    idx = random_subset(len(labels), s.train_eval_examples, split_seed, "train_eval")
+    x, y = normalize(images[idx]), labels[idx]
+    model = model.to(device).eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 500].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), 500)])
+    return (pred != y).numpy().astype(float)
 
-    Several seeds are trained side by side as one grouped network (``fit_side_by_side``) where
-    ``trains_side_by_side`` says so; otherwise one at a time (``fit_model``). Adds the tables ``curves``,
-    ``final`` and ``gradients`` to ``run`` after each (family, depth) (so an interrupted run keeps the
-    finished models) and returns them.
+
+def train_models(run, source, s: ZooSettings, seeds: Sequence[int], device: str = "cpu") -> Zoo:
+    """Train every (family, depth, seed) of ``s`` into ``run``'s folder and add its tables.
+
+    Adds the tables ``curves``, ``final`` and ``gradients`` to ``run`` after each (family, depth) (so an
+    interrupted run keeps the finished models) and returns the trained models with the tables.
     """
-    import pandas as pd
-    curves, finals, grads = [], [], []
-    seeds = list(seeds)
-    side_by_side = trains_side_by_side(settings, seeds, device)
-    for family, depth in model_grid(settings):
+    curves, finals, grads, models, per_image = [], [], [], [], []
+    seeds = [int(x) for x in seeds]
+    side_by_side = s.side_by_side(seeds, device)
+    for family, depth in progress(s.grid, "train_zoo"):
         name = model_name(family, depth)
+        print(f"train_zoo: training {name} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+              + (" side by side" if side_by_side else ""), flush=True)
         if side_by_side:
-            print(f"train_zoo: training {name} seeds {', '.join(map(str, seeds))} side by side", flush=True)
-            results = fit_side_by_side(family, depth, seeds, source, settings, run.path / "models", device,
-                                       run.path.name)
+            results = fit_side_by_side(family, depth, seeds, source, s, run.path / "models", device, run.path.name)
         else:
-            results = []
-            for seed in seeds:
-                print(f"train_zoo: training {name} seed {seed}", flush=True)
-                out = run.path / "models" / f"{name}-seed{seed}"
-                results.append(fit_model(family, depth, seed, source, settings, out, device, run.path.name))
+            results = [fit_model(family, depth, seed, source, s, run.path / "models" / f"{name}-seed{seed}", device,
+                                 run.path.name) for seed in seeds]
         for seed, r in zip(seeds, results):
+            sm = load_model_source(str(r["checkpoint"]), seed)
+            errors = training_errors(sm.model, source, s, seeds[0] if side_by_side else seed, device)
+            r["final"]["train_eval_error_percent"] = 100.0 * float(errors.mean())
+            sm.info["metrics"] = r["final"]
+            models.append(sm)
+            per_image.append(pd.DataFrame({"run": run.path.name, "seed": seed, "model": name, "family": family,
+                                           "depth": depth, "site": "network", "metric": "train_error",
+                                           "image": np.arange(len(errors)), "value": errors}))
             curves.append(r["curves"])
             grads.append(r["gradients"])
             rel = r["checkpoint"].relative_to(run.path).as_posix()
             finals += [{"run": run.path.name, "seed": seed, "model": name, "family": family, "depth": depth,
-                        "metric": k, "value": float(v), "checkpoint": rel} for k, v in r["final"].items()]
-        run.add_table("curves", pd.concat(curves, ignore_index=True))
-        run.add_table("final", pd.DataFrame(finals))
+                        "site": "network", "metric": k, "value": float(v), "checkpoint": rel}
+                       for k, v in {**r["final"], "parameters": float(count_parameters(sm.model))}.items()]
+        tables = {"curves": pd.concat(curves, ignore_index=True), "final": pd.DataFrame(finals),
+                  "train_errors": pd.concat(per_image, ignore_index=True)}
         if any(len(g) for g in grads):
-            run.add_table("gradients", pd.concat([g for g in grads if len(g)], ignore_index=True))
-    return {"curves": run.table("curves"), "final": run.table("final"),
-            "gradients": run.table("gradients") if "gradients" in run.tables else pd.DataFrame()}
+            tables["gradients"] = pd.concat([g for g in grads if len(g)], ignore_index=True)
+        for name, df in tables.items():
+            run.add_table(name, df)
+    models.sort(key=lambda m: (family_rank(m.family), m.family, m.depth, m.seed))
+    return Zoo(models=models, tables=tables, folders=[run.path])
 
 
-def zoo_checkpoints(run_dir: str | Path) -> "pd.DataFrame":
-    """The models of a ``train_zoo`` run: one row per model and seed with its absolute ``checkpoint`` path.
-
-    Columns: ``model, family, depth, seed, checkpoint`` (plain, highway, residual, then other families; by
-    depth and seed within a family).
-
-    Raises:
-        ValueError: the folder is not a ``train_zoo`` run with trained models.
-    """
-    from ..report import open_run
-    run = open_run(run_dir)
-    if "final" not in run.tables or "checkpoint" not in run.table("final").columns:
-        raise ValueError(f"{run_dir} is not a train_zoo run (no 'final' table with checkpoints); "
-                         "make one with `python studies/train_zoo.py`")
-    df = run.table("final")[["model", "family", "depth", "seed", "checkpoint"]].drop_duplicates()
-    df["checkpoint"] = [str(run.path / c) for c in df["checkpoint"]]
-    df["_rank"] = df["family"].map(family_rank)
-    return df.sort_values(["_rank", "family", "depth", "seed"]).drop(columns="_rank").reset_index(drop=True)
+def trained_zoo(run, data: StudyData, s: ZooSettings, seeds: Sequence[int], device: str) -> Zoo:
+    """The nets a study trains for itself (no model given), into its own run folder, with its Setup text."""
+    run.add_text("Setup", "Networks trained for this run. " + s.describe(seeds, device))
+    zoo = train_models(run, data.training_source(), s, seeds, device)
+    zoo.data = data.provenance()
+    return zoo
 
 
-def data_sizes(settings: dict) -> tuple[int | None, int | None]:
-    """Training and test images a scale uses (``None`` = all), to size a synthetic set."""
-    n_train = None if settings.get("train_limit") is None else settings["train_limit"] + settings["val_size"]
-    return n_train, settings.get("test_limit")
+# ---- the study ----------------------------------------------------------------------------------
+
+def run(settings: ZooSettings, data: StudyData, *, out: str | Path = "runs", seeds: Sequence[int] = (0,),
+        device: str = "auto", scale: str | None = None) -> StudyResult:
+    """Train the zoo into a new run folder; returns its tables and its trained models (``result.zoo``)."""
+    dev = resolve_device(device).type
+    config = study_config(data=data.spec, seeds=seeds, device=device, out=out, scale=scale, settings=settings)
+    with study_run("train_zoo", config, title=TITLE, data=data.provenance(), source_file=__file__) as run_:
+        zoo = trained_zoo(run_, data, settings, seeds, dev)
+        _report(run_, zoo.tables["final"])
+    return StudyResult(run_.path, dict(zoo.tables), zoo)
 
 
-def trains_side_by_side(settings: dict, seeds, device: str) -> bool:
-    """Whether several ``seeds`` are trained as one grouped network: ``settings["seeds_side_by_side"]`` is
-    ``True``, or ``"auto"`` on CUDA. On a CPU it saves nothing (residual-20, 2 seeds, quick settings, 2 cores:
-    156 s side by side vs 160 s one at a time with 1 thread, 89 s vs 82 s with 2), so ``"auto"`` trains
-    them one at a time there.
-
-    Raises:
-        ValueError: a setting other than ``True``, ``False`` or ``"auto"``.
-    """
-    choice = settings.get("seeds_side_by_side", "auto")
-    if choice not in (True, False, "auto"):
-        raise ValueError(f"seeds_side_by_side must be True, False or 'auto'; got {choice!r}")
-    return len(list(seeds)) > 1 and (choice is True or (choice == "auto" and device == "cuda"))
-
-
-def describe(settings: dict, seeds, device: str = "cpu") -> str:
-    """One Markdown paragraph stating the training setup."""
-    length = (f"{settings['max_steps']:,} iterations" if settings["max_steps"] else f"{settings['epochs']} epochs")
-    images = "all training images" if settings["train_limit"] is None else f"{settings['train_limit']:,} training images"
-    tests = "all" if settings["test_limit"] is None else f"{settings['test_limit']:,}"
-    together = (f" The seeds of each network were trained side by side as one grouped network, sharing seed "
-                f"{seeds[0]}'s validation split, each with its own initialisation, batch order and augmentation."
-                if trains_side_by_side(settings, seeds, device) else "")
-    return (f"Families {', '.join(settings['families'])}; depths {_depths_text(settings)}; "
-            f"seeds {', '.join(map(str, seeds))}. Recipe `{settings['recipe']}` (lr {settings['lr']}), {length}, "
-            f"batch {settings['batch_size']}, {images} ({settings['val_size']:,} held out for validation), "
-            f"augmentation {'pad-4 crop + flip' if settings['augment'] else 'off'}; test error on "
-            f"{tests} test images.{together}")
-
-
-def parse_zoo_study(name: str, description: str, zoo_help: str | None, argv: list[str] | None,
-                    quick: dict, paper: dict) -> tuple[argparse.Namespace, dict]:
-    """Parse a zoo study's command line (common options, ``--zoo RUN_DIR`` unless ``zoo_help`` is
-    ``None``, the training options) and set the thread count; returns the arguments and the
-    scale's settings."""
-    p = study_parser(name, description)
-    if zoo_help is None:
-        p.set_defaults(zoo=None)
-    else:
-        p.add_argument("--zoo", metavar="RUN_DIR", default=None, help=zoo_help)
-    add_training_options(p)
-    args = p.parse_args(argv)
-    set_threads(args.threads)
-    settings = scale_settings(args, quick, paper)
-    trains_side_by_side(settings, args.seeds, "cpu")  # a bad value fails before any run folder exists
-    return args, settings
-
-
-class ZooInput:
-    """The trained nets a downstream study (degradation, gradients) reads: a ``--zoo`` run or nets trained here.
-
-    Build it from the parsed arguments before the study's run folder exists (``data`` and ``config``
-    go into its provenance), then call ``tables(run)`` inside the run.
-
-    Args:
-        args: parsed study arguments (``zoo``, ``data``, ``seeds``, ``scale``, ``device``).
-        settings: the scale's training settings.
-        needs: the tables a ``--zoo`` run must hold; ``tables`` reads only these from it.
-
-    Raises:
-        ValueError: the ``--zoo`` run lacks one of the ``needs`` tables.
-    """
-
-    def __init__(self, args: argparse.Namespace, settings: dict, needs: tuple[str, ...] = ()):
-        from ..report import open_run
-        self.args, self.settings, self.needs = args, settings, tuple(needs)
-        self.zoo = open_run(args.zoo) if args.zoo else None
-        if self.zoo is not None:
-            for name in self.needs:
-                if name not in self.zoo.tables:
-                    raise ValueError(f"{args.zoo}: the train_zoo run has no {name!r} table")
-            self.source = None
-            self.data = self.zoo.provenance.get("data")
-            self.config = {"zoo": str(self.zoo.path.resolve()), "zoo_config": self.zoo.provenance.get("config")}
-        else:
-            self.source = resolve_data(args.data, *data_sizes(settings))
-            self.data = self.source.provenance()
-            self.device = resolve_device(args.device).type
-            self.config = {**settings, "scale": args.scale, "seeds": list(args.seeds), "device": self.device}
-
-    def tables(self, run, what: str = "", extra: str = "") -> dict[str, "pd.DataFrame"]:
-        """The zoo's tables: the ``needs`` tables read from the ``--zoo`` run, or all of ``curves``,
-        ``final`` and ``gradients`` trained into ``run``.
-
-        Args:
-            run: the study's run; its Setup section says where ``what`` came from, plus ``extra``.
-        """
-        if self.zoo is not None:
-            run.add_text("Setup", f"{what} read from the train_zoo run `{self.zoo.path}`.{extra}")
-            return {name: self.zoo.table(name) for name in self.needs}
-        run.add_text("Setup", describe(self.settings, self.args.seeds, self.device) + extra)
-        return train_models(run, self.source, self.settings, self.args.seeds, self.device)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """Train the zoo and write its run folder; returns the folder."""
-    args, settings = parse_zoo_study(
-        "train_zoo", "Train plain / highway / residual CIFAR nets over depths and seeds; writes checkpoints "
-                     "and training curves for the other studies.", None, argv, QUICK, PAPER)
-    from ..report import new_run
-    zoo = ZooInput(args, settings)  # no --zoo: the nets are trained here
-    with new_run("train_zoo", out=args.out, config=zoo.config, data=zoo.data, source_file=__file__,
-                 argv=argv, title="Model zoo: plain / highway / residual") as run:
-        _report(run, zoo.tables(run)["final"])
-    return run.path
-
-
-def _report(run, final) -> None:
-    from ..report import format_mean_std
-    import pandas as pd
+def _report(run_, final: pd.DataFrame) -> None:
     rows = []
-    for (model, family, depth), g in final.groupby(["model", "family", "depth"], sort=False):
-        row = {"model": model}
+    for model, g in final.groupby("model", sort=False):
+        row = {"model": model, "parameters": f"{int(g.loc[g['metric'] == 'parameters', 'value'].iloc[0]):,}"}
         for metric, label in (("train_error_percent", "train error"), ("val_error_percent", "val error"),
                               ("test_error_percent", "test error")):
             row[label] = format_mean_std(g.loc[g["metric"] == metric, "value"], unit="%")
         rows.append(row)
-    run.add_headline(pd.DataFrame(rows), title="Final error per model (mean ± std over seeds)")
-    run.add_figure("curves", "line", "curves", x="step", hue="model", style="split",
-                   dashes={"train": [4, 2], "val": ""}, query="metric == 'error_percent'",
-                   xlabel="iteration", ylabel="error (%)", legend_title="model",
-                   title="Training (dashed) and validation (solid) error")
+    run_.add_headline(pd.DataFrame(rows), title="Final error per model (mean ± std over seeds)")
+    run_.add_figure("curves", "line", "curves", x="step", hue="model", style="split",
+                    dashes={"train": [4, 2], "val": ""}, query="metric == 'error_percent'",
+                    xlabel="iteration", ylabel="error (%)", legend_title="model",
+                    title="Training (dashed) and validation (solid) error")
+
+
+COMMAND = StudyCommand(
+    name="train_zoo", run=run, settings=ZooSettings, inputs="data",
+    description="Train plain / highway / residual CIFAR nets over depths and seeds; writes checkpoints, training "
+                "curves and gradient records for the other studies.")
