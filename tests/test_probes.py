@@ -263,6 +263,10 @@ def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, to
         assert _value(grads, blk.name, "param_grad_norm") == pytest.approx(direct.item(), rel=1e-5)
         assert _value(grads, f"{blk.name}.out", "activation_grad_norm") == pytest.approx(
             g.double().norm().item(), rel=1e-5)
+        weights = torch.sqrt(sum(p.detach().double().square().sum() for p in blk.module.parameters()))
+        assert _value(grads, blk.name, "param_norm") == pytest.approx(weights.item(), rel=1e-12)
+        assert _value(grads, blk.name, "param_count") == sum(p.numel() for p in blk.module.parameters())
+        assert _value(grads, f"{blk.name}.out", "activation_count") == g.numel()
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
     model.eval()

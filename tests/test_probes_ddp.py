@@ -161,7 +161,8 @@ def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(t
 
     gradients = pd.read_csv(run / "probe_gradients.csv")
     assert set(gradients.step) == {0, 1}  # 16 images, 2 ranks, batches of 4: two optimisation steps
-    assert set(gradients.metric) == {"param_grad_norm", "activation_grad_norm"}
+    assert set(gradients.metric) == {"param_grad_norm", "activation_grad_norm", "param_norm", "param_count",
+                                     "activation_count"}
     assert (gradients.value > 0).all()
 
 

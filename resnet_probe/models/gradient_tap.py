@@ -8,8 +8,8 @@ ordinary network), summed over every backward pass since it was last read:
 the squared L2 norm of the loss gradient at the block output (``GradientProbe`` reports sqrt(q)).
 
 How: ``GradientTap`` is an autograd Function, the identity in the forward pass, whose backward pass
-also returns ``q`` as the gradient of a small *sink* tensor (shape (S,), float64, requires grad), so
-autograd adds ``q`` into ``sink.grad``. A ``Tap`` owns the sink of one block and puts the Function on
+also returns, as the gradient of a small *sink* tensor (shape (2, S), float64, requires grad), ``q``
+and the number of elements it was summed over (per model), so autograd adds both into ``sink.grad``. A ``Tap`` owns the sink of one block and puts the Function on
 the block's output in one of two places:
 
 - inside the block's own forward: a CIFAR block ends with ``tapped(out, self.grad_sink)``, and an
@@ -46,7 +46,8 @@ def squared_norms_by_model(grad: torch.Tensor, num_models: int) -> torch.Tensor:
 
 
 class GradientTap(torch.autograd.Function):
-    """``out -> out``; backward adds each model's squared gradient norm to ``sink``'s gradient."""
+    """``out -> out``; backward adds each model's squared gradient norm and element count to ``sink``'s
+    gradient (rows 0 and 1)."""
 
     @staticmethod
     def forward(out: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
@@ -55,13 +56,15 @@ class GradientTap(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         sink = inputs[1]
-        ctx.num_models, ctx.sink_dtype, ctx.sink_device = sink.shape[0], sink.dtype, sink.device
+        ctx.num_models, ctx.sink_dtype, ctx.sink_device = sink.shape[-1], sink.dtype, sink.device
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         sink_grad = None
         if ctx.needs_input_grad[1]:  # the sink may sit elsewhere: a model moved while a probe records
-            sink_grad = squared_norms_by_model(grad, ctx.num_models).to(ctx.sink_device, ctx.sink_dtype)
+            q = squared_norms_by_model(grad, ctx.num_models)
+            sink_grad = torch.stack((q, torch.full_like(q, grad.numel() / ctx.num_models)))
+            sink_grad = sink_grad.to(ctx.sink_device, ctx.sink_dtype)
         return grad, sink_grad
 
 
@@ -92,7 +95,7 @@ class Tap:
     def _new_sink(self, device: torch.device) -> torch.Tensor:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         with torch.inference_mode(False), torch.no_grad():  # a normal leaf, also when made in inference mode
-            sink = torch.zeros(self.num_models, device=device, dtype=dtype)
+            sink = torch.zeros(2, self.num_models, device=device, dtype=dtype)
         return sink.requires_grad_()
 
     @property
@@ -127,8 +130,8 @@ class Tap:
         return tapped(output, self.sink) if isinstance(output, torch.Tensor) else None
 
     def take(self) -> torch.Tensor | None:
-        """``q`` measured since the last ``take`` (shape (S,), float64), or ``None`` if nothing was;
-        empties the sink."""
+        """``q`` and the element counts measured since the last ``take`` (shape (2, S), float64), or
+        ``None`` if nothing was; empties the sink."""
         grad = self.sink.grad
         if grad is None:
             return None

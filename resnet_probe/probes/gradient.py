@@ -7,7 +7,11 @@ Definitions, per block and per optimisation step:
   (``GradientProbe.record``, called after ``loss.backward()`` / from ``on_after_backward``);
 - ``activation_grad_norm``: the L2 norm of the gradient of the loss with respect to the block
   output over the whole batch. Several backward passes before one ``record`` add up their squared
-  norms.
+  norms;
+- what those norms are relative to: ``param_norm`` (the L2 norm of the block's parameters when the
+  gradients are read), ``param_count`` (how many parameters) and ``activation_count`` (how many
+  output elements the activation-gradient norm was taken over), so that ``||g|| / sqrt(count)``
+  (RMS per element) and ``||g|| / ||theta||`` (relative gradient) compare blocks of different sizes.
 
 How the activation gradient is read: every block gets a gradient tap
 (``resnet_probe.models.gradient_tap``, the one mechanism, which says where the tap sits and what that
@@ -18,8 +22,9 @@ For a grouped network of S models side by side (``GroupedCifarNet``) both norms 
 model ``s``'s share of a parameter is its ``s``-th slice along the first axis, and its share of a
 block output is channel block ``s``; rows then carry ``model_index``.
 
-Norms are kept on the device; ``history`` holds one (2, S, blocks) float64 tensor of squared norms
-per recorded step (S = 1 for an ordinary network) and is copied to the host only when read.
+Norms are kept on the device; ``history`` holds one (5, S, blocks) float64 tensor per recorded step
+(S = 1 for an ordinary network): squared parameter-gradient, activation-gradient and parameter norms,
+then parameter and activation-element counts; it is copied to the host only when read.
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ from ..models.gradient_tap import Tap
 from .nonfinite import NonFiniteWatch
 from .stats import zeros
 
-GRADIENT_METRICS = ("param_grad_norm", "activation_grad_norm")
+GRADIENT_METRICS = ("param_grad_norm", "activation_grad_norm", "param_norm", "param_count", "activation_count")
+_NORMS = 3  # the first three entries of a record are squared norms: rows report their square roots
 
 
 class GradientProbe:
@@ -56,6 +62,7 @@ class GradientProbe:
         self.active = True
         self._act: torch.Tensor | None = None
         self.taps = [Tap(b.module, num_models) for b in self.blocks]
+        self.param_counts = [sum(p.numel() for p in ps) / num_models for ps in self.params]
         self.history: list[tuple[int, torch.Tensor]] = []
         self._steps = 0
         self._warned_untapped = False
@@ -75,12 +82,13 @@ class GradientProbe:
         return [t.in_block for t in self.taps]
 
     def _add(self, i: int, q: torch.Tensor) -> None:
-        """Add block ``i``'s squared activation-gradient norms ``q`` (S,) to this step's sums."""
+        """Add block ``i``'s squared activation-gradient norms and element counts ``q`` (2, S) to this
+        step's sums."""
         with torch.no_grad():
             if self._act is None:
-                self._act = zeros((self.num_models, len(self.blocks)), q.device)
-            self._act[:, i] += q
-        self.watch.check(self.act_index[i], q)
+                self._act = zeros((2, self.num_models, len(self.blocks)), q.device)
+            self._act[:, :, i] += q
+        self.watch.check(self.act_index[i], q[0])
 
     def record(self, step: int | None = None) -> None:
         """Read every block's parameter gradients (after backward) and close the step.
@@ -100,13 +108,13 @@ class GradientProbe:
                                                else torch.device("cpu"))
         shape = (self.num_models, len(self.blocks))
         with torch.no_grad():
-            if grads:
-                norms = self._squared_norms(grads).to(dev)  # (parameters, S)
-                sq = torch.stack([part.sum(0) for part in norms.split(per_block)], dim=1)  # deterministic
-            else:
-                sq = zeros(shape, dev)
-            act = self._act if self._act is not None else zeros(shape, dev)
-            entry = torch.stack((sq, act.to(dev)))
+            sq = self._per_block(grads, per_block, dev) if grads else zeros(shape, dev)
+            weights = [p.detach() for ps in self.params for p in ps]
+            psq = (self._per_block(weights, [len(ps) for ps in self.params], dev) if weights
+                   else zeros(shape, dev))
+            counts = torch.tensor(self.param_counts, dtype=torch.float64, device=dev).expand(shape)
+            act = self._act.to(dev) if self._act is not None else zeros((2, *shape), dev)
+            entry = torch.stack((sq, act[0], psq, counts, act[1]))
             self._act = None
         self.watch.check_all(self.param_first, list(sq.unbind(1)))
         self.history.append((self._steps if step is None else int(step), entry))
@@ -131,6 +139,11 @@ class GradientProbe:
                               "recording steps eagerly, e.g. under torch.compiler.set_stance(\"force_eager\")",
                               UserWarning, stacklevel=3)
 
+    def _per_block(self, tensors: list[torch.Tensor], per_block: list[int], dev) -> torch.Tensor:
+        """Squared L2 norm of each block's ``per_block[i]`` consecutive ``tensors`` together, (S, blocks)."""
+        norms = self._squared_norms(tensors).to(dev)  # (tensors, S)
+        return torch.stack([part.sum(0) for part in norms.split(per_block)], dim=1)  # deterministic
+
     def _squared_norms(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Squared L2 norm of each gradient's share of each model, shape (parameters, S), float64."""
         if self.num_models == 1:
@@ -146,25 +159,30 @@ class GradientProbe:
             tap.take()
 
     def reducible(self) -> list[torch.Tensor]:
-        """Squared activation-gradient norms of every recorded step (summed over ranks by all_reduce).
+        """Squared activation-gradient norms and their element counts of every recorded step (summed
+        over ranks by all_reduce).
 
-        Parameter gradients are not summed: under DDP every rank already holds the averaged gradient.
+        Parameter gradients are not summed: under DDP every rank already holds the averaged gradient
+        (and the same parameters).
         """
-        return [entry[1] for _, entry in self.history]
+        return [entry[k] for _, entry in self.history for k in (1, 4)]
 
     def rows(self) -> list[dict]:
         """Tidy rows ``(site, kind="gradient", metric, value, step, ...)`` (one host sync); with
         several models side by side, one row per model, labelled ``model_index``."""
         if not self.history:
             return []
-        values = torch.stack([e for _, e in self.history]).sqrt().cpu().tolist()
+        values = torch.stack([e for _, e in self.history])
+        values[:, :_NORMS] = values[:, :_NORMS].sqrt()
+        values = values.cpu().tolist()
         grouped = self.num_models > 1
         rows = []
         for (step, _), per_step in zip(self.history, values):
             for s in range(self.num_models):
                 for i, b in enumerate(self.blocks):
-                    for metric, site, v in (("param_grad_norm", b.name, per_step[0][s][i]),
-                                            ("activation_grad_norm", f"{b.name}.out", per_step[1][s][i])):
+                    for k, metric in enumerate(GRADIENT_METRICS):
+                        site = f"{b.name}.out" if metric.startswith("activation") else b.name
+                        v = per_step[k][s][i]
                         row = {"site": site, "stage": b.stage, "block": b.index, "kind": "gradient",
                                "metric": metric, "value": v, "downsampling": b.downsampling,
                                "path": b.path, "step": step}

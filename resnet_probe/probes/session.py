@@ -295,9 +295,10 @@ class ProbeSession:
         Response metrics per site: ``count``, ``mean``, ``std`` (global, unbiased, over N, C, H, W),
         ``channel_std_mean`` (mean over channels of the per-channel std), ``rms``; gates add
         ``saturated_fraction``; kind ``ratio`` rows (site = block name) hold ``norm_ratio``
-        = ||F(x)|| / ||S(x)||. Gradient rows: ``param_grad_norm`` and ``activation_grad_norm``
-        per block and recorded step. For a grouped network every row is per model: the extra column
-        ``model_index``.
+        = ||F(x)|| / ||S(x)||. Gradient rows, per block and recorded step: ``param_grad_norm`` and
+        ``activation_grad_norm``, and what they are relative to, ``param_norm``, ``param_count`` and
+        ``activation_count`` (see ``GradientProbe``). For a grouped network every row is per model:
+        the extra column ``model_index``.
         """
         self.check_finite()
         return self._frame()
