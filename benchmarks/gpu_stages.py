@@ -165,7 +165,8 @@ def lightning_rows(check, label: str, probes: bool = False, grouped: bool = Fals
                            s["warmup"], window, probes, "reduce-overhead")
     ms = timing["median_ms"]
     details = dict(arch=f"{family}-{depth}", batch=s["batch"], warmup_steps=s["warmup"], windows=timing["repeats"],
-                   compile_s=max(0.0, timing["warmup_s"] - s["warmup"] * ms / 1e3), warmup_s=timing["warmup_s"],
+                   compile_s=max(0.0, timing["warmup_s"] - s["warmup"] * ms / 1e3) if check.device.type == "cuda"
+                   else None, warmup_s=timing["warmup_s"],
                    graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
                    cudagraph_skips=sum(counters["inductor"]["cudagraph_skips"].values()) if check.device.type == "cuda"
                    else None, peak_mem_mib=torch.cuda.max_memory_allocated(check.device) / 2**20
