@@ -66,21 +66,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class _Canary:
-    """Notices a forward pass of the model in which none of a session's hooks ran (compiled code
-    traced before they were attached) and warns once."""
+    """Notices a forward pass of the model in which the probe's hooks did not run (compiled code
+    traced before they were attached) and warns once. It watches the first block: a block's own hooks
+    run whenever the block is called (also when a lesion replaces its forward), and compiled code
+    traced without hooks skips them all alike."""
 
     def __init__(self, model_name: str):
         self.model_name, self.ran, self.warned = model_name, True, False
 
-    def marked(self, fn):
-        """``fn`` as a hook that also records that a hook ran."""
-        def hook(*args):
-            self.ran = True
-            return fn(*args)
-        return torch.compiler.disable(hook)
-
     def before(self, module, args) -> None:
         self.ran = False
+
+    def mark(self, module, args) -> None:
+        self.ran = True
 
     def after(self, module, args, output) -> None:
         if not self.ran and not self.warned:
@@ -92,9 +90,10 @@ class _Canary:
                 "(with torch.compiler.set_stance(\"force_eager\"): ...), or attach the probe before the "
                 "compiled code first runs", UserWarning, stacklevel=2)
 
-    def hooks(self, model: nn.Module) -> list:
-        """Handles of the root hooks that open and check each forward pass."""
+    def hooks(self, model: nn.Module, first_block: nn.Module) -> list:
+        """Handles of the hooks that open a forward pass, see the first block run, and check the pass."""
         return [model.register_forward_pre_hook(torch.compiler.disable(self.before)),
+                first_block.register_forward_pre_hook(torch.compiler.disable(self.mark)),
                 model.register_forward_hook(torch.compiler.disable(self.after))]
 
 
@@ -154,10 +153,10 @@ class ProbeSession:
                     handles.append(fn())
                     continue
                 register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-                handles.append(register(self._canary.marked(fn)))
+                handles.append(register(fn))
                 hooked = True
             if hooked:
-                handles += self._canary.hooks(self.model)
+                handles += self._canary.hooks(self.model, self.anatomy.blocks[0].module)
         except BaseException:
             _remove(handles)
             raise
