@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lab bench clean
+.PHONY: demo test lab bench gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Everything GPU-only, measured (benchmarks/README.md): `make gpu-check [OUT=DIR] [STAGE=train|eval|all]`.
+# A GPU machine without network has no .venv and cannot make one: there it runs the python3 it has.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --out $(or $(OUT),runs/gpu-check) --stage $(or $(STAGE),all)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,8 @@ logits have a trained net's scale), both paths in the same run, same metrics com
   copy compiled block by block (``evaluation_model(model, "compiled")``), and one evaluation pass of
   the intact net eager, folded and compiled (compilation, done once before timing, reported apart).
 
+On CUDA the network, its folded copies and the images are channels_last (NHWC).
+
 Each row reports the engine's and the loop's median time, their ratio, and whether the two paths
 gave the same per-example predictions and losses (bitwise on CPU). Issue targets on one H100:
 single sweep <= 2.0 s, k-sweep <= 60 s over the 10k test images.
@@ -44,7 +46,7 @@ SIZES = {
 }
 
 
-def _case(rows, name, model, compiled, sets, x, y, cfg, repeats, device, loop_sets=None):
+def deletion_case(rows, name, model, compiled, sets, x, y, cfg, repeats, device, loop_sets=None):
     """Time the batched engine on ``sets`` (BN as is, folded, and on the ``compiled`` copy) and the loop
     on ``loop_sets`` of them."""
     kw = dict(batch_size=cfg["batch_size"], max_batch=cfg["max_batch"])
@@ -87,7 +89,7 @@ def _warmup(device) -> int:
     return 1 if torch.device(device).type == "cuda" else 0
 
 
-def _evaluation(rows, model, compiled, x, cfg, repeats, device) -> None:
+def evaluation_case(rows, model, compiled, x, cfg, repeats, device) -> None:
     """Time one pass of the intact model over the images: BN as is, folded into the convolutions, and
     the folded copy compiled block by block (compiled, and its first pass run, before timing)."""
     folded = fold_batchnorm(model)
@@ -129,11 +131,15 @@ def main(argv=None) -> None:
     x = torch.randn(cfg["images"], 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (cfg["images"],), generator=g).to(device)
     calibrate_batchnorm(model, x, cfg["batch_size"])
+    if device.type == "cuda":  # NHWC, the layout bf16 / TF32 convolutions run in without transposes
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     rows: list[dict] = []
     with autocast:
-        _measure(rows, model, n, x, y, cfg, args.repeats, device)
+        measure(rows, model, n, x, y, cfg, args.repeats, device)
     config = {"model": "residual-110", "blocks": n, "size": size, "device": str(device),
+              "channels_last": device.type == "cuda",
               "hardware": device_name(device), "repeats": args.repeats, "precision": precision,
               "threads": torch.get_num_threads(), **cfg,
               "note": "loop_ms over all sets, extrapolated from loop_sets_timed random sets when fewer",
@@ -141,17 +147,17 @@ def main(argv=None) -> None:
     record("lesion", rows, config=config, device=device)
 
 
-def _measure(rows, model, n, x, y, cfg, repeats, device) -> None:
+def measure(rows, model, n, x, y, cfg, repeats, device) -> None:
     compiled = evaluation_model(model, "compiled")
-    _evaluation(rows, model, compiled, x, cfg, repeats, device)
-    _case(rows, "single-block sweep", model, compiled, [[i] for i in range(n)], x, y, cfg, repeats, device)
+    evaluation_case(rows, model, compiled, x, cfg, repeats, device)
+    deletion_case(rows, "single-block sweep", model, compiled, [[i] for i in range(n)], x, y, cfg, repeats, device)
     rng = np.random.default_rng(0)
     k_sets = [sorted(rng.choice(n, size=k, replace=False).tolist())
               for k in cfg["ks"] for _ in range(cfg["sets_per_k"])]
     loop_ids = rng.permutation(len(k_sets))[:cfg["loop_sets"]]
     timed_first = set(loop_ids.tolist())
     k_sets = [k_sets[i] for i in loop_ids] + [s for i, s in enumerate(k_sets) if i not in timed_first]
-    _case(rows, f"k-deletion sweep (k={cfg['ks'][0]}..{cfg['ks'][-1]}, {cfg['sets_per_k']} sets each)",
+    deletion_case(rows, f"k-deletion sweep (k={cfg['ks'][0]}..{cfg['ks'][-1]}, {cfg['sets_per_k']} sets each)",
           model, compiled, k_sets, x, y, cfg, repeats, device, loop_sets=cfg["loop_sets"])
 
 

@@ -84,7 +84,7 @@ def _finish(steps):
             return done.value
 
 
-def _lockstep(cases: dict, repeats: int, device) -> dict:
+def lockstep(cases: dict, repeats: int, device) -> dict:
     """Time of each case, the cases advanced one step at a time in turn.
 
     ``cases`` maps a name to a function returning a fresh step generator (set-up, one batch or
@@ -124,7 +124,7 @@ def _lockstep(cases: dict, repeats: int, device) -> dict:
 
 
 def _train_steps(model, opt, x, y, steps: int, session=None):
-    """``steps`` training steps (forward, backward, SGD), one per generator step, for ``_lockstep``."""
+    """``steps`` training steps (forward, backward, SGD), one per generator step, for ``lockstep``."""
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -132,6 +132,52 @@ def _train_steps(model, opt, x, y, steps: int, session=None):
             session.record_gradients()
         opt.step()
         yield
+
+
+def eval_overhead_rows(model, images: torch.Tensor, batch: int, repeats: int, device) -> list[dict]:
+    """Evaluation of ``images`` with no probe, the streaming probe (all sites; 3x3 layer responses) and
+    the naive capture, each on its own copy of ``model``, advanced in lockstep."""
+    copies = [copy.deepcopy(model) for _ in range(4)]  # one per case: a probe hooks only its own copy
+    evals = lockstep({
+        "eval, no probe": lambda: evaluation_steps(copies[0], images, batch),
+        "eval, streaming response probe (all sites)": lambda: _streaming_steps(copies[1], images, batch),
+        "eval, streaming response probe (3x3 layer responses)":
+            lambda: _streaming_steps(copies[2], images, batch, LAYER_SITES),
+        "eval, naive capture + torch.std (branch sites)": lambda: _naive_steps(copies[3], images, batch),
+    }, repeats, device)
+    return [{"case": name, "images": len(images), "median_ms": t["median_ms"], "min_ms": t["min_ms"],
+             "ratio_vs_no_probe": t["ratio"]} for name, t in evals.items()]
+
+
+def memory_rows(model, images: torch.Tensor, ns, batch: int, device) -> list[dict]:
+    """Peak memory of evaluating the first ``n`` images, for each ``n`` in ``ns``: no probe, the
+    streaming probe (its state is O(channels)) and the naive capture (it grows with ``n``)."""
+    rows = []
+    for n in ns:
+        sub = images[:n]
+        state = _streaming(model, sub, batch).state_bytes()
+        rows.append({"case": "peak memory", "images": n,
+                     "no_probe_bytes": peak_memory(lambda: evaluate_in_batches(model, sub, batch), device),
+                     "streaming_bytes": peak_memory(lambda: _streaming(model, sub, batch), device),
+                     "naive_capture_bytes": peak_memory(lambda: _naive_capture(model, sub, batch), device),
+                     "probe_state_bytes": state})
+    return rows
+
+
+def train_overhead_rows(x: torch.Tensor, y: torch.Tensor, steps: int, repeats: int, device) -> list[dict]:
+    """Training steps of ResNet-56 on ``(x, y)`` with and without the gradient probe recording each step."""
+    plain = build_model("residual", 56).to(device).train()
+    probed = copy.deepcopy(plain)  # same network and weights; only this one is probed
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    opt_probed = torch.optim.SGD(probed.parameters(), lr=0.01, momentum=0.9)
+    with probe(probed, metrics=("gradient",)) as session:
+        timed = lockstep({
+            "train step, no probe": lambda: _train_steps(plain, opt_plain, x, y, steps),
+            "train step, gradient probe every step": lambda: _train_steps(probed, opt_probed, x, y, steps, session),
+        }, repeats, device)
+        session.gradient.reset()
+    return [{"case": name, "batch": len(x), "median_ms": t["median_ms"] / steps, "min_ms": t["min_ms"] / steps,
+             "ratio_vs_no_probe": t["ratio"]} for name, t in timed.items()]
 
 
 def main(argv=None) -> None:
@@ -147,48 +193,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build_model("residual", 56).to(device)
     g = torch.Generator().manual_seed(0)
-    n_small, n_large = cfg["n_eval"]
-    images = torch.randn(n_large, 3, 32, 32, generator=g).to(device)
+    images = torch.randn(max(cfg["n_eval"]), 3, 32, 32, generator=g).to(device)
     b = cfg["eval_batch"]
     calibrate_batchnorm(model, images, b)
-    rows = []
-    copies = [copy.deepcopy(model) for _ in range(4)]  # one per case: a probe hooks only its own copy
-    evals = _lockstep({
-        "eval, no probe": lambda: evaluation_steps(copies[0], images, b),
-        "eval, streaming response probe (all sites)": lambda: _streaming_steps(copies[1], images, b),
-        "eval, streaming response probe (3x3 layer responses)":
-            lambda: _streaming_steps(copies[2], images, b, LAYER_SITES),
-        "eval, naive capture + torch.std (branch sites)": lambda: _naive_steps(copies[3], images, b),
-    }, args.repeats, device)
-    for name, t in evals.items():
-        rows.append({"case": name, "images": n_large, "median_ms": t["median_ms"], "min_ms": t["min_ms"],
-                     "ratio_vs_no_probe": t["ratio"]})
-
-    for n in (n_small, n_large):
-        sub = images[:n]
-        state = _streaming(model, sub, b).state_bytes()
-        rows.append({"case": "peak memory", "images": n,
-                     "no_probe_bytes": peak_memory(lambda: evaluate_in_batches(model, sub, b), device),
-                     "streaming_bytes": peak_memory(lambda: _streaming(model, sub, b), device),
-                     "naive_capture_bytes": peak_memory(lambda: _naive_capture(model, sub, b), device),
-                     "probe_state_bytes": state})
-
-    plain = build_model("residual", 56).to(device).train()
-    probed = copy.deepcopy(plain)  # same network and weights; only this one is probed
-    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
-    opt_probed = torch.optim.SGD(probed.parameters(), lr=0.01, momentum=0.9)
+    rows = eval_overhead_rows(model, images, b, args.repeats, device)
+    rows += memory_rows(model, images, cfg["n_eval"], b, device)
     x = torch.randn(cfg["train_batch"], 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (cfg["train_batch"],), generator=g).to(device)
-    with probe(probed, metrics=("gradient",)) as session:
-        steps = _lockstep({
-            "train step, no probe": lambda: _train_steps(plain, opt_plain, x, y, cfg["train_steps"]),
-            "train step, gradient probe every step":
-                lambda: _train_steps(probed, opt_probed, x, y, cfg["train_steps"], session),
-        }, args.repeats, device)
-        session.gradient.reset()
-    for name, t in steps.items():
-        rows.append({"case": name, "batch": cfg["train_batch"], "median_ms": t["median_ms"] / cfg["train_steps"],
-                     "min_ms": t["min_ms"] / cfg["train_steps"], "ratio_vs_no_probe": t["ratio"]})
+    rows += train_overhead_rows(x, y, cfg["train_steps"], args.repeats, device)
 
     config = {"model": "residual-56", "size": size, "device": str(device), "hardware": device_name(device),
               "repeats": args.repeats, "threads": torch.get_num_threads(), **cfg,

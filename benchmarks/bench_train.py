@@ -24,6 +24,10 @@ rows are timed with a callback that synchronises every ``window`` steps after ``
 (which include compilation); (a) by median over repeats of ``window`` steps. Images are random
 uint8 pixels: the step time does not depend on them.
 
+Compiled rows run through ``CifarClassifier`` / ``GroupedClassifier``'s compiled network, which
+raises rather than run eagerly when torch.compile reaches its recompile limit
+(``resnet_probe.models.compiled``); each architecture starts from an empty compile cache.
+
 Run: ``.venv/bin/python -m benchmarks.bench_train [--device cuda] [--size paper] [--repeats 7]
 [--compile-mode default]``.
 """
@@ -79,7 +83,7 @@ class _PilCifar(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def _random_source(n: int) -> DataSource:
+def random_source(n: int) -> DataSource:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
@@ -87,7 +91,7 @@ def _random_source(n: int) -> DataSource:
                       tuple(str(k) for k in range(10)), "random uint8 pixels for timing")
 
 
-def _naive_stepper(source: DataSource, family: str, depth: int, batch: int, workers: int, device):
+def typical_stepper(source: DataSource, family: str, depth: int, batch: int, workers: int, device):
     """One optimizer step per call of a DataLoader + per-image transforms + fp32 eager loop."""
     data = _PilCifar(source.train_images.permute(0, 2, 3, 1).numpy(), source.train_labels.numpy())
     loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
@@ -132,8 +136,8 @@ class _StepClock(pl.Callback):
                 "warmup_s": self.marks[0] - self.start}
 
 
-def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | None, device, steps: int,
-         warmup: int, window: int, probes: bool, compile_mode: str) -> dict:
+def lightning_fit(source: DataSource, family: str, depth: int, batch: int, models: int | None, device, steps: int,
+                  warmup: int, window: int, probes: bool, compile_mode: str) -> dict:
     """Train through Lightning for ``warmup + steps`` steps; single model if ``models`` is None; with
     ``probes``, a ``ProbeCallback`` records the gradient norms every ``window`` steps."""
     cuda = device.type == "cuda"
@@ -163,7 +167,7 @@ def _fit(source: DataSource, family: str, depth: int, batch: int, models: int | 
     return clock.result()
 
 
-def _timed_with_memory(run, short_run, device) -> tuple[dict, int]:
+def timed_with_memory(run, short_run, device) -> tuple[dict, int]:
     """``run()``'s timing and peak memory: the same run on CUDA, a forked ``short_run`` on the CPU."""
     if device.type == "cuda":
         out = []
@@ -172,7 +176,7 @@ def _timed_with_memory(run, short_run, device) -> tuple[dict, int]:
     return run(), peak_memory(short_run, device)
 
 
-def _row(arch: str, variant: str, models: int, batch: int, timing: dict, mem: int) -> dict:
+def step_row(arch: str, variant: str, models: int, batch: int, timing: dict, mem: int) -> dict:
     ms = timing["median_ms"]
     return {"arch": arch, "variant": variant, "models": models, "batch_per_model": batch,
             "ms_per_step": ms, "ms_per_model_step": ms / models,
@@ -203,16 +207,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     print(f"bench_train: {size} size on {device_name(device)} ({device})")
 
-    source = _random_source(cfg["n_images"])
+    source = random_source(cfg["n_images"])
     rows = []
     for family, depth in cfg["archs"]:
         arch = f"{family}-{depth}"
-        step = _naive_stepper(source, family, depth, batch, workers, device)
+        torch._dynamo.reset()  # each architecture compiles from scratch: its rows do not depend on run order
+        step = typical_stepper(source, family, depth, batch, workers, device)
         naive = median_time(lambda: [step() for _ in range(window)], repeats=repeats, warmup=1, device=device)
         naive = {k: v / window if k.endswith("_ms") else v for k, v in naive.items()}
-        short = _naive_stepper(source, family, depth, batch, 0, device)
+        short = typical_stepper(source, family, depth, batch, 0, device)
         naive_mem = peak_memory(lambda: [short() for _ in range(2)], device)
-        rows.append(_row(arch, "a_dataloader_eager", 1, batch, naive, naive_mem))
+        rows.append(step_row(arch, "a_dataloader_eager", 1, batch, naive, naive_mem))
 
         variants = (("b_lightning", None, False), ("b_lightning_probes", None, True),
                     (f"c_grouped_{models}", models, False))
@@ -220,9 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             win = cfg["probe_every"] if probes else window
 
             def run(steps=repeats * win, w=warmup, win=win, s=s, probes=probes):
-                return _fit(source, family, depth, batch, s, device, steps, w, win, probes, args.compile_mode)
-            timing, mem = _timed_with_memory(run, lambda run=run: run(steps=1, w=1, win=1), device)
-            rows.append(_row(arch, variant, s or 1, batch, timing, mem))
+                return lightning_fit(source, family, depth, batch, s, device, steps, w, win, probes, args.compile_mode)
+            timing, mem = timed_with_memory(run, lambda run=run: run(steps=1, w=1, win=1), device)
+            rows.append(step_row(arch, variant, s or 1, batch, timing, mem))
         by_variant = {r["variant"]: r for r in rows[-1 - len(variants):]}
         for r in by_variant.values():
             r["speedup_vs_a"] = by_variant["a_dataloader_eager"]["ms_per_model_step"] / r["ms_per_model_step"]

@@ -245,12 +245,12 @@ def test_grouped_fit_trains_each_model_as_a_lone_classifier_on_its_own_data_orde
         pd.testing.assert_series_equal(mine, want, rtol=1e-5)
 
 
+@pytest.mark.compiled
 @pytest.mark.filterwarnings("ignore")
 def test_grouped_steps_run_the_compiled_network_and_match_eager_ones(tmp_path, one_thread):
-    """The training step calls the grouped network through ``__call__``, so its compiled call runs (as
-    ``GroupedClassifier`` compiles it on CUDA; on the CPU by hand here), recording steps included: two
-    graphs (with and without the gradient taps' sinks), no break, the same weights and gradient-probe
-    rows as an eager fit, in float64."""
+    """``GroupedClassifier(compile=True)`` (on the CPU by opt-in) runs every training step through its
+    compiled network, recording steps included: two graphs (with and without the gradient taps' sinks),
+    no break, the same weights and gradient-probe rows as an eager fit, in float64."""
     import pandas as pd
     import pytorch_lightning as pl
     from torch._dynamo.utils import counters
@@ -258,32 +258,28 @@ def test_grouped_steps_run_the_compiled_network_and_match_eager_ones(tmp_path, o
     from resnet_probe.probes.callback import ProbeCallback
     from resnet_probe.train.grouped import GroupedClassifier, PerModelBatches
 
-    class CompiledInFitStart(GroupedClassifier):
-        def on_fit_start(self):
-            super().on_fit_start()
-            self.model.compile(mode=self.hparams.compile_mode)
-
     shuffled, _ = _synthetic_loaders()
     weights, rows = {}, {}
-    for cls in (GroupedClassifier, CompiledInFitStart):
+    for compiled in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        module = cls(family="residual", depth=8, seeds=[5, 9], recipe="fast", max_steps=3).double()
+        module = GroupedClassifier(family="residual", depth=8, seeds=[5, 9], recipe="fast", max_steps=3,
+                                   compile=compiled).double()
         trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                              precision="64-true", callbacks=[ProbeCallback(every_n_epochs=0, every_n_steps=2,
-                                                                           out_dir=tmp_path / cls.__name__)])
+                                                                           out_dir=tmp_path / str(compiled))])
         trainer.fit(module, train_dataloaders=PerModelBatches([shuffled(100), shuffled(200)]))
         captured = counters["stats"]["calls_captured"]
-        assert (captured > 0) == (cls is CompiledInFitStart)
+        assert (captured > 0) == compiled
         # steps 0 and 2 record through the taps, step 1 runs without them: a graph for each
-        assert counters["stats"]["unique_graphs"] == 2 * (cls is CompiledInFitStart) and not counters["graph_break"]
-        weights[cls] = torch.cat([p.detach().reshape(-1) for p in module.model.parameters()])
-        rows[cls] = pd.read_csv(tmp_path / cls.__name__ / "probe_gradients.csv").set_index(
+        assert counters["stats"]["unique_graphs"] == 2 * compiled and not counters["graph_break"]
+        weights[compiled] = torch.cat([p.detach().reshape(-1) for p in module.model.parameters()])
+        rows[compiled] = pd.read_csv(tmp_path / str(compiled) / "probe_gradients.csv").set_index(
             ["seed", "site", "metric", "step"])["value"].sort_index()
-    torch.testing.assert_close(weights[CompiledInFitStart], weights[GroupedClassifier], rtol=1e-12, atol=1e-14)
-    assert sorted(rows[GroupedClassifier].index.unique("step")) == [0, 2]
-    pd.testing.assert_series_equal(rows[CompiledInFitStart], rows[GroupedClassifier], rtol=1e-12)
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-12, atol=1e-14)
+    assert sorted(rows[False].index.unique("step")) == [0, 2]
+    pd.testing.assert_series_equal(rows[True], rows[False], rtol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:You called `self.log")

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from resnet_probe.models import anatomy, build_model
+from resnet_probe.models.compiled import compiled_module
 from resnet_probe.probes import ChannelStats, NonFiniteError, native, probe, site_names
 
 FAMILIES = ("plain", "residual", "highway", "preact")
@@ -262,6 +263,10 @@ def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, to
         assert _value(grads, blk.name, "param_grad_norm") == pytest.approx(direct.item(), rel=1e-5)
         assert _value(grads, f"{blk.name}.out", "activation_grad_norm") == pytest.approx(
             g.double().norm().item(), rel=1e-5)
+        weights = torch.sqrt(sum(p.detach().double().square().sum() for p in blk.module.parameters()))
+        assert _value(grads, blk.name, "param_norm") == pytest.approx(weights.item(), rel=1e-12)
+        assert _value(grads, blk.name, "param_count") == sum(p.numel() for p in blk.module.parameters())
+        assert _value(grads, f"{blk.name}.out", "activation_count") == g.numel()
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
     model.eval()
@@ -488,6 +493,7 @@ def test_a_disarmed_probe_has_no_hooks_and_records_only_while_armed():
     assert _hooks(model) == 0
 
 
+@pytest.mark.compiled
 @pytest.mark.filterwarnings("ignore")
 def test_a_model_compiled_after_the_probe_is_attached_records_the_eager_values(one_thread):
     """Hooks excluded from compilation: the same statistics (gates included) as an uncompiled run."""
@@ -503,18 +509,43 @@ def test_a_model_compiled_after_the_probe_is_attached_records_the_eager_values(o
             model(x)
             model(x[:4])
         tables.append(session.table().set_index(keys)["value"].sort_index())
-    assert model._compiled_call_impl is not None and _hooks(model) == 0
+    assert compiled_module(model) == "" and _hooks(model) == 0
     pd.testing.assert_series_equal(tables[1], tables[0], rtol=1e-5)
 
 
-def test_compiled_model_is_refused():
+def test_a_compiled_wrapper_is_looked_through_and_compiled_parts_are_refused():
+    """``torch.compile(model)`` is probed on ``model``; a block compiled in place is refused, naming it
+    (hooks around it would run and hooks inside it would not)."""
     model = build_model("residual", 8)
-    with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
-        probe(torch.compile(model))
-    model.compile()
-    with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
+    with probe(torch.compile(model)) as session:
+        assert session.model is model and _hooks(model) > 0
+    model.stage2[0].compile()
+    with pytest.raises(RuntimeError, match="'stage2.0' of the model runs compiled code"):
         probe(model)
     assert _hooks(model) == 0
+
+
+def test_a_gradient_tap_keeps_its_sink_across_armings():
+    """The sink a block's tap writes into is one tensor for the session's lifetime (a compiled graph
+    takes it as a static input: CUDA graphs re-record when its address changes), emptied by each record."""
+    torch.manual_seed(6)
+    model = build_model("residual", 8).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    blocks = [b.module for b in anatomy(model).blocks]
+    sinks = []
+    with probe(model, metrics="gradient") as session:
+        for _ in range(3):
+            session.arm(gradient=True)
+            sinks.append([b.grad_sink for b in blocks])
+            F.cross_entropy(model(x), y).backward()
+            session.record_gradients()
+            session.arm(gradient=False)
+            assert all(b.grad_sink is None for b in blocks)
+            model.zero_grad()
+    assert all(s is first and s.data_ptr() == first.data_ptr() for step in sinks for s, first in zip(step, sinks[0]))
+    norms = session.table().query("metric == 'activation_grad_norm'").pivot(index="site", columns="step",
+                                                                             values="value")
+    assert (norms[0] > 0).all() and (norms[1] == norms[0]).all() and (norms[2] == norms[0]).all()
 
 
 # -- non-finite values -------------------------------------------------------------------------------

@@ -161,54 +161,65 @@ def test_lightning_ddp_probe_callback_equals_one_process_and_only_rank0_writes(t
 
     gradients = pd.read_csv(run / "probe_gradients.csv")
     assert set(gradients.step) == {0, 1}  # 16 images, 2 ranks, batches of 4: two optimisation steps
-    assert set(gradients.metric) == {"param_grad_norm", "activation_grad_norm"}
+    assert set(gradients.metric) == {"param_grad_norm", "activation_grad_norm", "param_norm", "param_count",
+                                     "activation_count"}
     assert (gradients.value > 0).all()
 
 
+@pytest.mark.compiled
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("device,taps", [("cpu", True), ("cpu", False), pytest.param("cuda", True, marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_probe_callback_records_in_the_compiled_network_the_values_of_an_eager_run(tmp_path, one_thread,
                                                                                      device, taps):
-    """``CifarClassifier(compile=True)`` compiles its network in place in ``on_fit_start`` (on CUDA; the CPU
-    case does the same by hand). Every step runs compiled: steps 0 and 2 record gradient norms through
-    the blocks' gradient taps (one graph with the sinks as inputs), step 1 runs without them (a second
-    graph); neither breaks. Those norms and the validation responses (recorded eagerly, by hooks)
-    equal those of an eager run, in float64. When another session holds the taps, the callback reads the
-    gradients by hooks, and its recording steps run eagerly: one graph."""
+    """``CifarClassifier(compile=True)`` runs its network through torch.compile (on the CPU by opt-in).
+    Every step runs compiled: steps 0 and 2 record gradient norms through the blocks' gradient taps (one
+    graph with the sinks as inputs, the same sink tensors at both steps), step 1 runs without them (a
+    second graph); neither breaks. Those norms and the validation responses (recorded eagerly, by
+    hooks) equal those of an eager run, in float64. When another session holds the taps' slots, the
+    callback's taps are hooks, and its recording steps run eagerly: one graph."""
     import pytorch_lightning as pl
     from torch._dynamo.utils import counters
 
     from resnet_probe.data import CifarDataModule, make_synthetic
+    from resnet_probe.models import anatomy
+    from resnet_probe.models.compiled import compiled_module
     from resnet_probe.probes.callback import ProbeCallback
     from resnet_probe.train.module import CifarClassifier
 
-    class CompiledInFitStart(CifarClassifier):
-        def on_fit_start(self):
-            super().on_fit_start()
-            if not self.hparams.compile:  # the CPU case: CifarClassifier compiles on CUDA only
-                self.model.compile(mode=self.hparams.compile_mode)  # reduce-overhead: no CUDA graphs on a CPU
+    class SinkWatch(pl.Callback):  # the sinks the blocks hold while the probe callback records
+        def __init__(self):
+            self.sinks = []
+
+        def on_after_backward(self, trainer, pl_module):
+            held = [b.module.grad_sink for b in anatomy(pl_module.model).blocks]
+            if held[0] is not None:
+                self.sinks.append(held)
 
     tables = {}
     for name in ("eager", "compiled"):
         dm = CifarDataModule.from_source(make_synthetic(n_train=64, n_test=8, seed=0), val_size=16, batch_size=16,
                                          eval_batch_size=16, augment=False, seed=0)
-        cls = CifarClassifier if name == "eager" else CompiledInFitStart
-        module = cls(family="residual", depth=8, recipe="fast", epochs=1, seed=0,
-                     compile=name == "compiled" and device == "cuda")
+        module = CifarClassifier(family="residual", depth=8, recipe="fast", epochs=1, seed=0,
+                                 compile=name == "compiled")
+        watch = SinkWatch()
         trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, precision="64-true",  # compiled kernels round like eager ones
-                             callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=2, out_dir=tmp_path / name)])
+                             callbacks=[ProbeCallback(every_n_epochs=1, every_n_steps=2, out_dir=tmp_path / name),
+                                        watch])
         torch._dynamo.reset()
         counters.clear()
         holder = None if taps else probe(module.model, metrics="gradient")
         trainer.fit(module, datamodule=dm)
-        assert (getattr(module.model, "_compiled_call_impl", None) is not None) == (name == "compiled")
+        assert (module.compiled is not None) == (name == "compiled") and compiled_module(module.model) is None
         if name == "compiled":
             assert counters["stats"]["unique_graphs"] == 1 + taps and not counters["graph_break"]
             if device == "cuda":  # every variant ran as a CUDA graph (a CPU graph always counts a skip)
                 assert not counters["inductor"]["cudagraph_skips"]
+        if taps:
+            first, second = watch.sinks
+            assert all(a is b and a.data_ptr() == b.data_ptr() for a, b in zip(first, second))
         if holder is not None:
             holder.close()
         tables[name] = {t: pd.read_csv(tmp_path / name / f"probe_{t}.csv").set_index(["site", "metric", "step"])
@@ -219,7 +230,9 @@ def test_probe_callback_records_in_the_compiled_network_the_values_of_an_eager_r
     assert set(tables["eager"]["gradients"].index.get_level_values("step")) == {0, 2}
 
 
-def test_probe_callback_refuses_a_compiled_model_and_detaches_on_exception():
+def test_probe_callback_detaches_on_exception_and_accepts_a_network_compiled_in_place():
+    """The callback's hooks are gone after an exception; a network compiled in place is probed (its
+    recording epochs and hook steps run under the "force_eager" stance), not refused."""
     from resnet_probe.probes.callback import ProbeCallback
     from resnet_probe.train.module import CifarClassifier
 
@@ -233,8 +246,11 @@ def test_probe_callback_refuses_a_compiled_model_and_detaches_on_exception():
     callback.on_exception(None, module, KeyboardInterrupt())
     assert hooks() == 0
 
-    module.model.compile()  # in place, as CifarClassifier(compile=True) does on CUDA
-    with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
-        callback.setup(None, module, "fit")
+    module.model.compile()  # in place (nothing is compiled before the first call)
+    callback.setup(None, module, "fit")
+    callback.session.arm(response=True)
+    assert hooks() > 0
+    callback.teardown(None, module, "fit")
+    assert hooks() == 0 and callback.session is None
     with pytest.raises(ValueError, match="every_n_steps must be a non-negative integer"):
         ProbeCallback(every_n_steps=-1)

@@ -163,22 +163,39 @@ def test_unknown_recipe_names_the_valid_ones():
         CifarClassifier(recipe="adam")
 
 
-@pytest.mark.parametrize("options,compiled_with", [({}, {"mode": "reduce-overhead"}),
-                                                   ({"compile_mode": "default"}, {"mode": "default"}),
+@pytest.mark.parametrize("options,compiled_with", [({}, {"mode": "reduce-overhead", "dynamic": False}),
+                                                   ({"compile_mode": "default"}, {"mode": "default", "dynamic": False}),
                                                    ({"compile": False}, None)])
-def test_on_cuda_the_network_is_compiled_unless_told_not_to_in_the_mode_given(monkeypatch, options, compiled_with):
+def test_on_cuda_the_network_is_compiled_beside_it_unless_told_not_to_in_the_mode_given(monkeypatch, options,
+                                                                                      compiled_with):
     """What ``_prepare_device`` does when the Trainer has put the module on a GPU (the device is set by
-    hand here; ``torch.compile`` is recorded, not run): channels_last, then compile in the mode given."""
+    hand here; ``torch.compile`` is recorded, not run): channels_last, then the compiled network held
+    beside ``model``, which stays the eager module, in the mode given; static shapes."""
     from resnet_probe.train.grouped import GroupedClassifier
 
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append((module, kw)) or module)
     for module in (CifarClassifier(depth=8, **options), GroupedClassifier(depth=8, seeds=[0, 1], **options)):
-        calls = []
-        monkeypatch.setattr(module.model, "compile", lambda **kw: calls.append(kw))
+        calls.clear()
+        model = module.model
         module._device = torch.device("cuda", 0)  # what the Trainer sets when it moves the module to a GPU
         module._prepare_device()
         module._prepare_device()  # once per device type
-        assert calls == ([compiled_with] if compiled_with else [])
+        assert calls == ([(model, compiled_with)] if compiled_with else [])
+        assert module.model is model and (module.compiled is not None) == bool(compiled_with)
+        assert list(module.state_dict()) == [f"model.{k}" for k in model.state_dict()]
         assert module.model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_on_the_cpu_compilation_is_opt_in_and_says_it_is_experimental(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    eager, compiled = CifarClassifier(depth=8), CifarClassifier(depth=8, compile=True)
+    eager._prepare_device()
+    assert eager.compiled is None
+    with pytest.warns(UserWarning, match=r"CifarClassifier\(compile=True\) on the CPU is experimental"):
+        compiled._prepare_device()
+    assert compiled.compiled is not None and not compiled.model.stem.conv.weight.is_contiguous(
+        memory_format=torch.channels_last)
 
 
 def test_an_unknown_compile_mode_names_the_valid_ones():
@@ -440,6 +457,7 @@ def test_a_run_killed_after_an_epoch_end_resumes_with_each_row_once(tiny_pack, u
 
 
 @pytest.mark.gpu
+@pytest.mark.compiled
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fast_path_bf16_channels_last_compiled():
     from torch._dynamo.utils import counters

@@ -6,8 +6,9 @@ Every block has the same anatomy (He et al. 2016; Srivastava et al. 2015):
 - ``shortcut``: ``S(x)``, identity or a dimension-matching mapping (options A / B / C);
 - ``gate`` (highway only): ``T(x) = sigmoid(W_T x + b_T)``, a 3x3 conv of the block input;
 - ``combine(f, s, t)``: how the block output is made from those parts;
-- ``grad_sink``: ``None``, or the sink of a gradient probe, which the block output then passes
-  through (``gradient_tap``: the identity, whose backward measures the output's gradient norm).
+- ``grad_sink``: ``None``, or the sink of an open gradient tap (``gradient_tap.Tap``), which the
+  block output then passes through (the identity, whose backward measures the output's gradient
+  norm; the one mechanism of activation-gradient measurement, see ``gradient_tap``).
 
 Plain blocks keep a parameter-free shortcut module that their forward never uses: it is the mapping
 a lesion replaces the block by (identity where shapes match, option A at a dimension change).
@@ -112,7 +113,7 @@ class _Block(nn.Module):
         self.shortcut = shortcut
         self.downsampling = downsampling
         self.gate: nn.Module | None = None
-        self.grad_sink: torch.Tensor | None = None  # set by a gradient probe while it records
+        self.grad_sink: torch.Tensor | None = None  # set by an open gradient tap
 
     def combine(self, f: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError

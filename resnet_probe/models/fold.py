@@ -13,7 +13,8 @@ projection shortcuts, torchvision ``downsample``), or ``convK`` / ``bnK`` of a t
 A BatchNorm that precedes its convolution (pre-activation branches) is left as it is. Each folded BatchNorm is replaced by ``nn.Identity`` under the same
 name, so the block anatomy, lesions and probes work on the copy unchanged (a probe on a former BN
 site now reads the folded convolution's output, which is the same value; in a pre-activation net a
-``conv`` site then reads the output of the BatchNorm that followed it).
+``conv`` site then reads the output of the BatchNorm that followed it). A folded convolution keeps
+its original's weight layout (channels_last stays channels_last).
 """
 from __future__ import annotations
 
@@ -79,4 +80,6 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         scale = gamma / torch.sqrt(var + bn.eps)
         out.weight.copy_(w * scale.reshape(-1, 1, 1, 1))
         out.bias.copy_(bias * scale + beta - mean * scale)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        out.to(memory_format=torch.channels_last)
     return out.train(conv.training)

@@ -18,30 +18,33 @@ seeds side by side) every row is one model's, and its ``seed`` column is that mo
 Under DDP the validation sampler may repeat a few examples to give every rank the same number; use
 a validation set whose size divides evenly for exact single-process equality.
 
-Probes and compiled networks (``CifarClassifier(compile=True)`` compiles its network in place in
-``on_fit_start`` on CUDA): the session is opened in ``setup`` and disarmed at once, so the network
+Probes and compiled networks (``CifarClassifier`` runs its network through ``torch.compile`` on
+CUDA, held beside ``pl_module.model``, which stays eager; a network compiled in place works the
+same): the session is opened in ``setup`` on ``pl_module.model`` and disarmed at once, so the network
 carries nothing of the probes while it does not record.
 
-- A step that records gradient norms gives every block's gradient tap its sink
-  (``resnet_probe.models.gradient_tap``) and runs the compiled network: the taps are operations of
-  the blocks' own graph, so the network is compiled once with the sinks and once without, and each
-  variant runs whole, without graph breaks, which CUDA graphs can capture. Blocks without a tap
-  (torchvision's) are measured by hooks instead, and such a step runs eagerly, with the compiled
-  call set aside: compiled code keeps the hooks it was traced with.
-- A validation epoch that records responses attaches the response hooks and runs eagerly.
+- A step that records gradient norms opens every block's gradient tap
+  (``resnet_probe.models.gradient_tap``) and runs the compiled network: in a CIFAR block the tap is an
+  operation of the block's own graph, so the network is compiled once with the taps and once
+  without, each variant runs whole, without graph breaks, and the taps' sinks keep their addresses
+  from one recording step to the next, as CUDA graphs need. A block whose tap is a hook
+  (torchvision's, or one whose slot another session holds) is not seen by compiled code: such a
+  step runs eagerly, under ``torch.compiler.set_stance("force_eager")``.
+- A validation epoch that records responses attaches the response hooks and runs eagerly the same way.
 
-The recorded values equal an eager run's. A network already compiled when the session is opened is
-refused.
+The recorded values equal an eager run's. No private attribute of a torch object is written.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 
 from ..atomic import atomic_write_csv
-from .session import ProbeSession, probe, refuse_compiled
+from .session import ProbeSession, probe
 
 CSV_COLUMNS = ("run", "seed", "model", "site", "metric", "value", "step", "epoch",
                "kind", "stage", "block", "downsampling", "path")
@@ -78,7 +81,7 @@ class ProbeCallback(pl.Callback):
         self.response_rows: list[dict] = []
         self.gradient_rows: list[dict] = []
         self._recording_val = False
-        self._suspended: tuple | None = None  # (network, its compiled call) while recording eagerly
+        self._eager: ExitStack | None = None  # holds the "force_eager" stance while recording eagerly
         self._folder: Path | None = None
 
     # -- lifetime -----------------------------------------------------------------------------
@@ -99,7 +102,7 @@ class ProbeCallback(pl.Callback):
         self._close()
 
     def _close(self) -> None:
-        self._resume_compiled()
+        self._end_eager()
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -110,32 +113,18 @@ class ProbeCallback(pl.Callback):
         if model is None:
             raise AttributeError(f"{type(pl_module).__name__} has no `.model`; ProbeCallback measures "
                                  "the network at `pl_module.model`")
-        refuse_compiled(model)
         return model
 
-    # -- compiled networks ----------------------------------------------------------------------
-    def _run_eagerly(self, pl_module: pl.LightningModule) -> None:
-        """Run the network eagerly, with the probe hooks, until ``_resume_compiled``.
+    def _run_eagerly(self) -> None:
+        """Run compiled code eagerly, so that the probe hooks run, until ``_end_eager``."""
+        if self._eager is None:
+            self._eager = ExitStack()
+            self._eager.enter_context(torch.compiler.set_stance("force_eager"))
 
-        A network compiled in place after ``setup`` (``CifarClassifier(compile=True)`` does so in
-        ``on_fit_start`` on CUDA) has its compiled call set aside; any other compiled module is refused.
-        """
-        model = pl_module.model
-        compiled_call = getattr(model, "_compiled_call_impl", None)
-        if compiled_call is not None:
-            model._compiled_call_impl = None
-            self._suspended = (model, compiled_call)
-        try:
-            self._model(pl_module)
-        except RuntimeError:
-            self._resume_compiled()
-            raise
-
-    def _resume_compiled(self) -> None:
-        if self._suspended is not None:
-            model, compiled_call = self._suspended
-            model._compiled_call_impl = compiled_call
-            self._suspended = None
+    def _end_eager(self) -> None:
+        if self._eager is not None:
+            self._eager.close()
+            self._eager = None
 
     # -- responses on the validation set ------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,7 +133,7 @@ class ProbeCallback(pl.Callback):
         fitting = trainer.state.fn == "fit"
         if fitting and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._run_eagerly(pl_module)
+        self._run_eagerly()
         self.session.response.reset()
         self.session.arm(response=True)
         self._recording_val = True
@@ -154,7 +143,7 @@ class ProbeCallback(pl.Callback):
             return
         self._recording_val = False
         self.session.arm(response=False)
-        self._resume_compiled()
+        self._end_eager()
         self.session.all_reduce(metrics=("response",))
         self.session.check_finite()
         rows = self.session.response.rows()
@@ -169,13 +158,13 @@ class ProbeCallback(pl.Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self.session.arm(gradient=True)
             if not all(self.session.gradient.tapped):  # hooks: compiled code runs without them
-                self._run_eagerly(pl_module)
+                self._run_eagerly()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.session is not None and self.session.armed.get("gradient"):
             self.session.record_gradients(step=trainer.global_step)
             self.session.arm(gradient=False)
-            self._resume_compiled()
+            self._end_eager()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         g = None if self.session is None else self.session.gradient

@@ -10,6 +10,16 @@ leaving the ``with`` block -- also on an exception or KeyboardInterrupt -- or wh
 object is garbage-collected), so sessions nest and re-running a notebook cell never stacks hooks.
 ``arm`` removes and re-attaches one probe's hooks between recordings. Attaching is all-or-nothing.
 Probing never changes a model's outputs.
+
+Compiled models. torch.compile does not re-trace when hooks are added: compiled code keeps the hooks
+it was traced with, and its cache is shared by every instance of a class. So a model whose compiled
+code (``model.compile()``, ``torch.compile(model)``, or another instance's) was traced before the
+session attached runs without the session's hooks. A session accepts such a model (a
+``torch.compile`` wrapper is looked through, like DataParallel), and warns at the first forward pass
+of the model in which none of its hooks ran; run the model eagerly while it records
+(``with torch.compiler.set_stance("force_eager"):``) to measure it. A model with compiled *parts*
+(``evaluation_model(model, "compiled")``, or a block compiled in place) is refused: hooks around
+those parts run while the ones inside do not, which no pass could reveal.
 """
 from __future__ import annotations
 
@@ -33,21 +43,58 @@ COLUMNS = ("site", "stage", "block", "kind", "metric", "value", "downsampling", 
 
 
 def refuse_compiled(model: nn.Module) -> None:
-    """Raise if ``model`` is (or contains) a ``torch.compile``'d module: hooks would record nothing."""
-    name = compiled_module(model)
-    if name is not None:
-        where = f" (at {name!r})" if name else ""
+    """Raise if a part of ``model`` below its root runs compiled code: probe hooks around it would run
+    while those inside it would not."""
+    for child_name, child in model.named_children():
+        name = compiled_module(child)
+        if name is None:
+            continue
+        where = ".".join(filter(None, (child_name, name)))
         raise RuntimeError(
-            f"the model is compiled{where}: attach probes before torch.compile -- open the probe "
-            "session on the original module, then compile it (or probe the uncompiled module, "
-            "e.g. `compiled._orig_mod`)")
+            f"{where!r} of the model runs compiled code (compiled block by block, as evaluation_model(..., "
+            "'compiled') does, or compiled in place): hooks inside it would record nothing. Probe the "
+            "model before compiling its parts, or its folded copy (evaluation_model(model, 'folded'))")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a (Distributed)DataParallel wrapper."""
+    """The network inside a (Distributed)DataParallel or ``torch.compile`` wrapper."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
+        return _unwrap(model.module)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return _unwrap(model._orig_mod)
     return model
+
+
+class _Canary:
+    """Notices a forward pass of the model in which the probe's hooks did not run (compiled code
+    traced before they were attached) and warns once. It watches the first block: a block's own hooks
+    run whenever the block is called (also when a lesion replaces its forward), and compiled code
+    traced without hooks skips them all alike."""
+
+    def __init__(self, model_name: str):
+        self.model_name, self.ran, self.warned = model_name, True, False
+
+    def before(self, module, args) -> None:
+        self.ran = False
+
+    def mark(self, module, args) -> None:
+        self.ran = True
+
+    def after(self, module, args, output) -> None:
+        if not self.ran and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"{self.model_name} ran a forward pass in which none of the probe's hooks ran: it runs "
+                "torch.compile'd code traced before the probe was attached, which keeps the hooks it was "
+                "traced with, so nothing was recorded from it. Run the model eagerly while probing "
+                "(with torch.compiler.set_stance(\"force_eager\"): ...), or attach the probe before the "
+                "compiled code first runs", UserWarning, stacklevel=2)
+
+    def hooks(self, model: nn.Module, first_block: nn.Module) -> list:
+        """Handles of the hooks that open a forward pass, see the first block run, and check the pass."""
+        return [model.register_forward_pre_hook(torch.compiler.disable(self.before)),
+                first_block.register_forward_pre_hook(torch.compiler.disable(self.mark)),
+                model.register_forward_hook(torch.compiler.disable(self.after))]
 
 
 def _remove(handles: list) -> None:
@@ -73,6 +120,7 @@ class ProbeSession:
         model = _unwrap(model)
         refuse_compiled(model)
         self.model = model
+        self._canary = _Canary(type(model).__name__)
         self.anatomy = anatomy(model, grouped=True)
         self.strict = strict
         chosen = select_sites(all_sites(self.anatomy), sites)
@@ -99,12 +147,16 @@ class ProbeSession:
     def _attach(self, metric: str) -> None:
         handles = self._hooks[metric]
         try:
+            hooked = False
             for module, kind, fn in self._parts[metric].hooks():
                 if kind == "attach":
                     handles.append(fn())
                     continue
                 register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
                 handles.append(register(fn))
+                hooked = True
+            if hooked:
+                handles += self._canary.hooks(self.model, self.anatomy.blocks[0].module)
         except BaseException:
             _remove(handles)
             raise
@@ -147,9 +199,9 @@ class ProbeSession:
         forward pass, and a network compiled while it is disarmed is traced without it. The gradient
         probe's taps on CIFAR blocks (``GradientProbe``) are part of the traced graph, so they may be
         opened and closed around compiled steps; hooks are not (compiled code keeps the hooks it was
-        traced with), so a probe that uses hooks is armed and disarmed while the network runs eagerly
-        (``ProbeCallback`` sets the compiled call aside for those steps and epochs). ``None`` leaves a
-        probe as it is.
+        traced with), so a probe that uses hooks records while the network runs eagerly
+        (``ProbeCallback`` runs those steps and epochs under ``torch.compiler.set_stance("force_eager")``).
+        ``None`` leaves a probe as it is.
 
         Raises:
             RuntimeError: arming a closed session.
@@ -242,9 +294,10 @@ class ProbeSession:
         Response metrics per site: ``count``, ``mean``, ``std`` (global, unbiased, over N, C, H, W),
         ``channel_std_mean`` (mean over channels of the per-channel std), ``rms``; gates add
         ``saturated_fraction``; kind ``ratio`` rows (site = block name) hold ``norm_ratio``
-        = ||F(x)|| / ||S(x)||. Gradient rows: ``param_grad_norm`` and ``activation_grad_norm``
-        per block and recorded step. For a grouped network every row is per model: the extra column
-        ``model_index``.
+        = ||F(x)|| / ||S(x)||. Gradient rows, per block and recorded step: ``param_grad_norm`` and
+        ``activation_grad_norm``, and what they are relative to, ``param_norm``, ``param_count`` and
+        ``activation_count`` (see ``GradientProbe``). For a grouped network every row is per model:
+        the extra column ``model_index``.
         """
         self.check_finite()
         return self._frame()
@@ -294,8 +347,9 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
 
     Args:
         model: any model ``resnet_probe.models.anatomy`` supports (CIFAR nets, torchvision
-            ResNets), uncompiled; a (Distributed)DataParallel wrapper is looked through. On a
-            ``GroupedCifarNet`` every metric is measured per model (rows carry ``model_index``).
+            ResNets); a (Distributed)DataParallel or ``torch.compile`` wrapper is looked through (for
+            compiled models see the module docstring). On a ``GroupedCifarNet`` every metric is
+            measured per model (rows carry ``model_index``).
         sites: site names or fnmatch patterns (``"*"``, ``"stage2.*.branch"``); see ``sites.py``.
         metrics: ``"response"`` (streaming activation statistics) and/or ``"gradient"``
             (per-step gradient norms; call ``session.record_gradients()`` after each backward).
@@ -309,6 +363,6 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
 
     Raises:
         ValueError: unknown metric, or a site pattern matching nothing (lists the valid sites).
-        RuntimeError: the model is compiled ("attach probes before torch.compile").
+        RuntimeError: a part of the model below its root runs compiled code (``refuse_compiled``).
     """
     return ProbeSession(model, sites=sites, metrics=metrics, raw=raw, strict=strict)

@@ -7,9 +7,16 @@ their network and in how a batch becomes per-model losses. Everything else lives
   ``on_train_start`` gives the schedule the Trainer's length (read there, not in
   ``configure_optimizers``, because asking Lightning for it earlier makes a resumed run skip
   restoring its stateful loader);
-- on CUDA: channels_last and, unless ``compile=False``, ``torch.compile`` (by default in mode
-  ``reduce-overhead``: CUDA graphs, which a small CIFAR net needs, its step being bound by kernel
-  launches), once per device type;
+- the device: on CUDA channels_last and, unless ``compile=False``, ``torch.compile`` (by default in
+  mode ``reduce-overhead``: CUDA graphs, which a small CIFAR net needs, its step being bound by
+  kernel launches), prepared once per device type; on the CPU compilation is opt-in
+  (``compile=True``) and experimental. ``self.model`` is never compiled in place: the compiled
+  network (``compiled``, a ``models.compiled.CompiledCall``) is held beside it, so
+  ``pl_module.model`` is always the eager network that probes, lesions, folding and checkpoints
+  expect, during and after training. ``forward`` runs the compiled network on batches of the size
+  it first saw in the current mode (training or evaluation) and runs any other size eagerly: the
+  last, smaller batch of an epoch then costs one eager step instead of another compiled graph
+  (and, under CUDA graphs, another recording);
 - metrics: per model, the (loss sum, errors) pair of each stage is summed on the device, a tensor of
   shape ``(S, 2)``. The host reads the running training window every ``log_every_n_steps`` steps
   (logging it and feeding the paper warm-up, which ends when every model's training error is
@@ -21,8 +28,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 
+from ..models.compiled import CompiledCall, warn_cpu_compile
 from .recipes import PaperSchedule, build_optimization, training_length
 
 STAGES = ("train", "val", "test")
@@ -56,6 +63,8 @@ class RecipeModule(pl.LightningModule):
         self._window_read_at = 0                  # global step of the last host read
         self._restored_epoch: int | None = None
         self._prepared_for: str | None = None     # device type the network was last prepared for
+        self._compiled: CompiledCall | None = None
+        self._compiled_batch: dict[bool, int] = {}  # training mode -> the batch size compiled for it
 
     @property
     def trainer_limits(self) -> dict[str, int]:
@@ -65,20 +74,39 @@ class RecipeModule(pl.LightningModule):
     # ---- the device ------------------------------------------------------------------------------
 
     def _prepare_device(self) -> None:
-        """channels_last and (unless ``compile=False``) compile, once per device type, on CUDA only."""
+        """channels_last on CUDA, and the compiled network (``compile``: ``None`` = on CUDA only), once
+        per device type."""
         if self._prepared_for == self.device.type:
             return
         self._prepared_for = self.device.type
-        if self.device.type != "cuda":
-            if self.hparams.compile:
-                rank_zero_warn("compile=True is ignored off CUDA; the network runs eagerly")
-            return
-        self.model.to(memory_format=torch.channels_last)
-        if self.hparams.compile is not False:  # in place: state_dict keys and pl_module.model stay the same
-            self.model.compile(mode=self.hparams.compile_mode)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.model.to(memory_format=torch.channels_last)
+        self._compiled, self._compiled_batch = None, {}
+        if self.hparams.compile if self.hparams.compile is not None else cuda:
+            if not cuda:
+                warn_cpu_compile(f"{type(self).__name__}(compile=True)")
+            # static shapes: one graph per mode, whatever sizes later batches have (they run eagerly)
+            self._compiled = CompiledCall(self.model, mode=self.hparams.compile_mode, dynamic=False)
+
+    def __getstate__(self) -> dict:
+        # a copy or pickle (ddp_spawn, deepcopy) gets the eager network; it compiles its own when it runs
+        state = super().__getstate__()
+        state.update(_compiled=None, _compiled_batch={}, _prepared_for=None)
+        return state
+
+    @property
+    def compiled(self) -> CompiledCall | None:
+        """The compiled network held beside ``self.model`` (prepared when a stage starts), or ``None``."""
+        return self._compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's logits (``GroupedClassifier``: ``(S, N, classes)``)."""
+        """The network's logits (``GroupedClassifier``: ``(S, N, classes)``): compiled for batches of
+        the size first seen in the current mode, eager otherwise."""
+        if self._compiled is not None:
+            size = self._compiled_batch.setdefault(self.model.training, x.shape[0])
+            if size == x.shape[0]:
+                return self._compiled(x)
         return self.model(x)
 
     @staticmethod

@@ -114,8 +114,9 @@ class GroupedClassifier(RecipeModule):
             per-model data order (``False``; see the module docstring for the batch layout).
         recipe, lr, momentum, weight_decay, nesterov, epochs, max_steps, warmup, warmup_lr,
             warmup_until_error: the training recipe, as ``CifarClassifier``.
-        compile: compile the network with ``torch.compile`` on CUDA; ``None`` (the default) = yes there.
-            Off CUDA the network runs eagerly (``True`` there warns).
+        compile: run the network through ``torch.compile`` (held beside ``model``, which stays eager);
+            ``None`` (the default) = on CUDA only; ``True`` also on the CPU, where it is experimental
+            (it warns).
         compile_mode: its ``torch.compile`` mode: ``reduce-overhead`` (CUDA graphs; the default),
             ``default``, ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         log_every_n_steps: optimizer steps between host reads of the running training metrics.
@@ -163,7 +164,7 @@ class GroupedClassifier(RecipeModule):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = self._grouped_batch(batch, per_model=stage == "train" and not self.hparams.shared_batches)
-        logits = self(x)  # through the network's __call__, so its compiled call (on CUDA) runs
+        logits = self(x)  # through forward, so the compiled network runs when there is one
         losses = grouped_cross_entropy(logits, y)
         self._record(stage, losses, (logits.argmax(dim=2) != y).sum(dim=1), y.shape[1])
         return losses.sum()

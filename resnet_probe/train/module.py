@@ -13,8 +13,9 @@ batches, in training mode), ``val_loss``, ``val_error`` and in ``test`` ``test_l
 (means over those steps) and ``lr``.
 
 On CUDA the network runs channels_last and, unless ``compile=False``, through ``torch.compile`` (CUDA
-graphs by default; see ``compile_mode``); bf16 autocast comes from the Trainer
-(``precision="bf16-mixed"``). None of it is touched on a CPU.
+graphs by default; see ``compile_mode``), held beside ``self.model``, which stays eager; bf16 autocast
+comes from the Trainer (``precision="bf16-mixed"``). On a CPU the network runs eagerly unless
+``compile=True`` (experimental there).
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ class CifarClassifier(RecipeModule):
         warmup_lr: warm-up learning rate (0.01).
         warmup_until_error: training error (fraction) that ends the warm-up (0.8).
         seed: seed of the weight initialisation.
-        compile: compile the network with ``torch.compile`` on CUDA; ``None`` (the default) = yes there.
-            Off CUDA the network runs eagerly (``True`` there warns).
+        compile: run the network through ``torch.compile`` (held beside ``model``, which stays eager);
+            ``None`` (the default) = on CUDA only; ``True`` also on the CPU, where it is experimental
+            (it warns).
         compile_mode: its ``torch.compile`` mode: ``reduce-overhead`` (CUDA graphs; the default),
             ``default``, ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         log_every_n_steps: optimizer steps between host reads of the running training metrics
