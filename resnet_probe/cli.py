@@ -23,6 +23,8 @@ STUDY_HELP = {
     "lesion": "delete and reorder blocks (Veit et al. 2016): resnet-probe lesion CHECKPOINT ...",
     "paths": "gradient per path length and effective paths (Veit et al. 2016, Fig. 6)",
     "highway": "highway gate statistics and gate closing (Srivastava et al. 2015)",
+    "landscape": "loss surfaces along filter-normalised directions, plain vs residual (Li et al. 2018)",
+    "shattered": "input-gradient correlation against input distance, at init and trained (Balduzzi et al. 2017)",
     "quickstart": "train small nets, run every study, one report (what `make demo` runs)",
 }
 SUBCOMMANDS = {

@@ -27,7 +27,7 @@ Public API
   ``set_title(title)``, ``mark(state)``, ``link_child(run_or_path)``, ``write_report()``, ``finish()``
 - ``combine_runs(run, children, title=None)``: one report over several runs
 - ``rebuild(run_dir) -> Path`` / ``rebuild_main(argv=None)``: ``resnet-probe report RUN_DIR``
-- figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile) and their spec keys
+- figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile, contour) and their spec keys
   ``SPEC_KEYS``: see ``resnet_probe/report/figures.py``
 - numbers: ``mean_ci``, ``format_ci``, ``format_mean_std``, ``summarise_over_seeds``
 - ``validate_tidy``, ``TIDY_RECOMMENDED``, ``RunFolderError``, ``FigureError``
