@@ -1,4 +1,4 @@
-"""Safe loading of models for studies: the project's checkpoints and torchvision ResNet state_dicts.
+"""Safe loading of models for studies: the project's checkpoints, torchvision and timm ResNet state_dicts.
 
 ``load_model`` always reads files with ``torch.load(..., weights_only=True)``, which rebuilds
 tensors and plain containers but never calls arbitrary Python objects. A file that needs more than
@@ -34,11 +34,20 @@ _LAYOUTS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6,
             "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3)), "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3)),
             "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3)), "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3))}
 TORCHVISION_ARCHS = tuple(_LAYOUTS)
+TIMM_PREFIX = "timm:"
+TIMM_MODULES = ("resnet", "resnetv2")  # timm model modules whose blocks the anatomy reads
 UNSAFE_FLAG = "--allow_unsafe_load"
 
 
 class CheckpointError(ValueError):
     """A file that cannot be loaded as a model; the message names the file and the reason."""
+
+
+class UnsafeLoadWarning(UserWarning):
+    """A file is being unpickled without ``weights_only`` because the user allowed it; named each time."""
+
+
+warnings.simplefilter("always", UnsafeLoadWarning)  # every unpickled file is named, not only the first
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -146,6 +155,9 @@ def read_checkpoint(path: str | os.PathLike, *, allow_unsafe: bool = False) -> A
                 "arbitrary code chosen by whoever made the file. Only tensors and plain containers are "
                 "loaded by default (torch.load(weights_only=True)). If you trust the file's source, load "
                 f"it knowingly with allow_unsafe=True (command line: {UNSAFE_FLAG}).") from None
+    warnings.warn(f"{path}: loading with arbitrary unpickling (allowed by allow_unsafe / {UNSAFE_FLAG}); this can "
+                  f"run code from the file, which names {', '.join(unsafe[:6])}{' ...' if len(unsafe) > 6 else ''}",
+                  UnsafeLoadWarning, stacklevel=2)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
@@ -180,6 +192,44 @@ def torchvision_model(arch: str, num_classes: int = 1000, device: str | torch.de
         return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
 
+def timm_names() -> tuple[str, ...]:
+    """The timm model names ``load_model`` accepts as ``timm:NAME`` (its ResNet and ResNetV2 families).
+
+    Raises:
+        CheckpointError: timm is not installed.
+    """
+    try:
+        import timm  # optional dependency, needed only for timm models
+    except ImportError:
+        raise CheckpointError("timm models need the timm package (pip install timm)") from None
+    return tuple(n for m in TIMM_MODULES for n in timm.list_models(module=m))
+
+
+def check_timm_name(name: str) -> None:
+    """Raise ``CheckpointError`` unless timm is installed and ``name`` is one of ``timm_names()``."""
+    names = timm_names()
+    if name not in names:
+        raise CheckpointError(f"unknown timm ResNet {name!r}; valid: {', '.join(names)}")
+
+
+def timm_model(name: str, num_classes: int | None = None, zero_init_last: bool = True) -> nn.Module:
+    """A timm ResNet / ResNetV2 with random weights (``timm.create_model(name, pretrained=False)``).
+
+    Args:
+        name: one of ``timm_names()``.
+        num_classes: classifier outputs (``None``: timm's 1000).
+        zero_init_last: timm's default zeroes the last BN scale of every branch, so every F(x) is 0 and a
+            random net measures nothing; ``False`` keeps that BN at scale 1 (as torchvision's random ResNets).
+
+    Raises:
+        CheckpointError: timm is not installed, or ``name`` is not one of ``timm_names()``.
+    """
+    check_timm_name(name)
+    import timm  # optional dependency, needed only for timm models
+    options = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(name, pretrained=False, zero_init_last=zero_init_last, **options)
+
+
 @functools.lru_cache(maxsize=None)
 def _torchvision_shapes(arch: str, num_classes: int) -> dict[str, tuple]:
     return _shapes(torchvision_model(arch, num_classes, device="meta").state_dict())
@@ -200,8 +250,12 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _num_classes(sd: dict[str, torch.Tensor], default: int = 1000) -> int:
-    w = sd.get("fc.weight")
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else default
+    """Rows of the classifier: ``fc`` (torchvision, timm ResNet) or ``head.fc`` (timm ResNetV2: a 1x1 conv)."""
+    for key in ("fc.weight", "head.fc.weight"):
+        w = sd.get(key)
+        if isinstance(w, torch.Tensor) and w.dim() in (2, 4):
+            return int(w.shape[0])
+    return default
 
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str,
@@ -239,8 +293,8 @@ def _infer_torchvision_arch(sd: dict[str, torch.Tensor], path: Path) -> str:
     representatives = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # one per layout
     closest = min(likely or representatives, key=distance)
     raise CheckpointError(f"{path}: the state_dict matches none of the torchvision ResNets "
-                          f"({', '.join(TORCHVISION_ARCHS)}); closest is {closest}: "
-                          f"{_mismatch(_torchvision_shapes(closest, n), got)}")
+                          f"({', '.join(TORCHVISION_ARCHS)}; a timm model's file needs arch='timm:NAME'); "
+                          f"closest is {closest}: {_mismatch(_torchvision_shapes(closest, n), got)}")
 
 
 # ---- the entry point ------------------------------------------------------------------------------
@@ -251,16 +305,17 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
 
     Args:
         source: a project checkpoint (``.ckpt`` with ``hyper_parameters`` and a ``model.``-prefixed
-            ``state_dict``), a torchvision ResNet state_dict file, or ``"torchvision:NAME"`` for a
-            torchvision ResNet with random weights (``NAME`` in ``TORCHVISION_ARCHS``).
-        arch: the torchvision architecture of a state_dict file; ``None`` = inferred from its keys
-            and shapes.
+            ``state_dict``), a torchvision or timm ResNet state_dict file, ``"torchvision:NAME"``
+            for a torchvision ResNet with random weights (``NAME`` in ``TORCHVISION_ARCHS``), or
+            ``"timm:NAME"`` for a timm ResNet with random weights (``NAME`` in ``timm_names()``).
+        arch: the architecture of a state_dict file: a torchvision name, or ``"timm:NAME"`` for a
+            timm model; ``None`` = inferred from its keys and shapes among the torchvision ResNets.
         allow_unsafe: load a file that needs arbitrary unpickling (only for trusted files).
 
     Returns:
         ``(model, info)`` with ``info`` = ``{"kind", "arch", "hparams", "path"}``; ``kind`` is
-        ``"project"``, ``"torchvision"``, ``"torchvision-random"`` or ``"module"`` (an unsafe-loaded
-        pickled module).
+        ``"project"``, ``"torchvision"``, ``"torchvision-random"``, ``"timm"``, ``"timm-random"``
+        or ``"module"`` (an unsafe-loaded pickled module); a timm model's ``arch`` is ``timm:NAME``.
 
     Raises:
         CheckpointError: naming the file and the problem (refused, unreadable, or mismatched keys).
@@ -269,6 +324,11 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
         name = source.split(":", 1)[1]
         model = torchvision_model(name)
         return model.eval(), {"kind": "torchvision-random", "arch": name, "hparams": {}, "path": None}
+    if isinstance(source, str) and source.startswith(TIMM_PREFIX):
+        model = timm_model(source[len(TIMM_PREFIX):], zero_init_last=False)  # a random F(x) that is not 0
+        return model.eval(), {"kind": "timm-random", "arch": source, "hparams": {}, "path": None}
+    if arch is not None and arch.startswith(TIMM_PREFIX):
+        check_timm_name(arch[len(TIMM_PREFIX):])  # reported before the file is read
     path = Path(source)
     obj = read_checkpoint(path, allow_unsafe=allow_unsafe)
     if isinstance(obj, nn.Module):
@@ -293,6 +353,11 @@ def load_model(source: str | os.PathLike, *, arch: str | None = None,
     if sd is None:
         keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: neither a project checkpoint nor a state_dict of tensors (found: {keys})")
+    if arch is not None and arch.startswith(TIMM_PREFIX):
+        # built on the CPU, not the meta device: some timm buffers (anti-aliasing filters) are not saved
+        model = timm_model(arch[len(TIMM_PREFIX):], _num_classes(sd))
+        load_strict(model, sd, path, f"timm {arch[len(TIMM_PREFIX):]}")
+        return model.eval(), {"kind": "timm", "arch": arch, "hparams": {}, "path": str(path)}
     arch = arch or _infer_torchvision_arch(sd, path)
     # built on the meta device and given the file's tensors: no time spent on a random init
     model = torchvision_model(arch, _num_classes(sd), device="meta")

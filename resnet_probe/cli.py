@@ -23,6 +23,7 @@ STUDY_HELP = {
     "lesion": "delete and reorder blocks (Veit et al. 2016): resnet-probe lesion CHECKPOINT ...",
     "paths": "gradient per path length and effective paths (Veit et al. 2016, Fig. 6)",
     "highway": "highway gate statistics and gate closing (Srivastava et al. 2015)",
+    "similarity": "linear CKA between blocks of one net and of two nets (Kornblith et al. 2019, minibatch CKA)",
     "landscape": "loss surfaces along filter-normalised directions, plain vs residual (Li et al. 2018)",
     "shattered": "input-gradient correlation against input distance, at init and trained (Balduzzi et al. 2017)",
     "quickstart": "train small nets, run every study, one report (what `make demo` runs)",
@@ -87,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in TRAIN_SUBCOMMANDS:
-        from .train.cli import cli_main
-        cli_main([command, *rest])
+        from .train.cli import RunDirError, cli_main
+        try:
+            cli_main([command, *rest])
+        except RunDirError as e:  # a user error, found before anything was written
+            print(f"resnet-probe {command}: {e}", file=sys.stderr)
+            return 2
         return 0
     if command in STUDIES:
         from .studies.command import main as study_main

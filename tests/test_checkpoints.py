@@ -9,7 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from resnet_probe.checkpoints import CheckpointError, UnsafeCheckpointError, load_model, read_checkpoint
+from resnet_probe.checkpoints import (CheckpointError, UnsafeCheckpointError, UnsafeLoadWarning, load_model,
+                                      read_checkpoint)
 from resnet_probe.models import CifarNet, anatomy
 
 
@@ -78,7 +79,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         load_model(path)
     message = str(err.value)
     assert str(path) in message and "arbitrary code" in message
-    assert "allow_unsafe=True" in message and "--allow-unsafe-load" in message
+    assert "allow_unsafe=True" in message and "--allow_unsafe_load" in message
     assert re.search(r"\b(io|builtins)\.open\b", message)  # names what the file asks to call
     assert not marker.exists()
 
@@ -87,9 +88,11 @@ def test_allow_unsafe_loads_knowingly(tmp_path):
     marker = tmp_path / "created_by_unpickling"
     path = tmp_path / "evil.pt"
     torch.save({"payload": _CreatesFile(str(marker))}, path)
-    obj = read_checkpoint(path, allow_unsafe=True)  # no refusal: the payload runs, as the user accepted
+    for _ in range(2):   # named every time it is unpickled
+        with pytest.warns(UnsafeLoadWarning, match=re.escape(str(path))):
+            obj = read_checkpoint(path, allow_unsafe=True)  # no refusal: the payload runs, as the user accepted
+        obj["payload"].close()
     assert marker.exists()
-    obj["payload"].close()
 
 
 def test_pickled_module_needs_allow_unsafe(tmp_path):
@@ -162,3 +165,45 @@ def test_resnet18_weights_loaded_as_resnet50_names_mismatch(tv_files):
 def test_unknown_arch_lists_valid_ones(tv_files):
     with pytest.raises(CheckpointError, match="resnet18, resnet34"):
         load_model(tv_files["resnet18"], arch="vgg16")
+
+
+# ---- timm ResNets: timm:NAME and state_dict files with arch="timm:NAME" ----------------------------
+
+def test_timm_name_gives_random_weight_model_read_by_the_anatomy():
+    timm = pytest.importorskip("timm")
+    model, info = load_model("timm:resnet18")
+    assert info == {"kind": "timm-random", "arch": "timm:resnet18", "hparams": {}, "path": None}
+    assert isinstance(model, timm.models.resnet.ResNet) and not model.training
+    assert len(anatomy(model).blocks) == 8
+
+
+def test_timm_state_dict_loads_with_identical_weights_given_its_arch(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    saved = timm.create_model("seresnet18", pretrained=False, num_classes=7)  # SE: no torchvision match
+    path = tmp_path / "seresnet18.pth"
+    torch.save(saved.state_dict(), path)
+    model, info = load_model(path, arch="timm:seresnet18")
+    assert info == {"kind": "timm", "arch": "timm:seresnet18", "hparams": {}, "path": str(path)}
+    assert model.fc.out_features == 7
+    reference = saved.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="a timm model's file needs arch='timm:NAME'"):
+        load_model(path)
+
+
+def test_timm_resnetv2_state_dict_reads_its_classes_from_the_conv_head(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    path = tmp_path / "v2.pth"
+    torch.save(timm.create_model("resnetv2_18", pretrained=False, num_classes=5).state_dict(), path)
+    model, _ = load_model(path, arch="timm:resnetv2_18")
+    assert model.num_classes == 5
+
+
+@pytest.mark.parametrize("source, arch", [("timm:vit_tiny_patch16_224", None), ("unused.pth", "timm:vgg16")])
+def test_unknown_timm_name_lists_the_valid_ones(source, arch):
+    pytest.importorskip("timm")
+    with pytest.raises(CheckpointError, match=r"unknown timm ResNet '(vit_tiny_patch16_224|vgg16)'; valid: .*"
+                                              r"resnet18, .*seresnext50_32x4d, .*wide_resnet50_2, .*resnetv2_50"):
+        load_model(source, arch=arch)

@@ -4,11 +4,13 @@ The run folders come from the quickstart at the tiny scale (nets trained for two
 JPEG pack when it is here (synthetic images only when it is not), written under ``runs/`` as ``make
 demo`` writes them, and from the landscape and shattered-gradients studies at the tiny scale on the
 quickstart's deepest plain and residual nets (the quickstart does not run them); every notebook is
-executed with nbclient on the ``python3`` kernel and must finish without a cell error. Notebooks only read runs: none of them trains.
+executed with nbclient on the ``python3`` kernel and must finish without a cell error. Notebooks only
+read runs: none of them trains.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -16,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-REQUIRED = {"lesion_run", "response_std_depths", "torchvision_probes", "landscape_run", "shattered_run"}
+REQUIRED = {"lesion_run", "response_std_depths", "similarity_run", "torchvision_probes", "landscape_run",
+            "shattered_run"}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,10 @@ def test_notebook_executes_on_tiny_runs(path, workdir, monkeypatch):
         assert workdir["lesion"].name in text     # the newest lesion run under runs/
         assert "without stage" in text          # the by-hand deletion ran, on the run's own data
         assert ("SYNTHETIC" in text) == workdir["synthetic"]
+    if path.stem == "similarity_run":
+        found = re.search(r"largest difference from the table ([0-9.e+-]+)", text)
+        assert found and float(found[1]) < 1e-9       # the CKA recomputed from the reopened model and images
+        assert "minibatches of 4: finite = True" in text
     if path.stem == "landscape_run":
         assert "loss by hand" in text                      # the centre re-computed on the run's own images
     if path.stem == "shattered_run":

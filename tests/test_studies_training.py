@@ -175,7 +175,8 @@ def test_quickstart_states_three_effects_with_intervals_and_verdicts(zoo, tiny_d
     verdicts = [r[effects["columns"].index("verdict")] for r in effects["rows"]]
     assert set(verdicts) <= {"consistent with the paper", "opposite to the paper", "not resolved at this scale"}
     children = {json.loads((result.path / c["path"] / "report.json").read_text())["study"] for c in state["children"]}
-    assert children == {"train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway"}
+    assert children == {"train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway",
+                        "similarity"}
     table = result.tables["effects"]
     assert (table["lo"] <= table["value"]).all() and (table["value"] <= table["hi"]).all()
 

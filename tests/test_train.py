@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import signal
 import subprocess
@@ -240,15 +241,86 @@ def test_cli_unknown_subcommand_lists_valid_ones(capsys):
     assert "valid subcommands: fit, validate, test" in capsys.readouterr().err
 
 
-def test_run_dir_rules(tmp_path):
-    from resnet_probe.train.cli import resolve_run_dir
+def test_run_dir_rules(tmp_path, monkeypatch):
+    from resnet_probe.train.cli import RunDirError, resolve_run_dir
+    monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "runs" / "train" / "r1" / "checkpoints" / "epoch=1-step=12.ckpt"
     assert resolve_run_dir(None, "fit", str(ckpt), "residual20") == ckpt.parent.parent
     assert resolve_run_dir(str(tmp_path / "mine"), "fit", "last", "residual20") == tmp_path / "mine"
-    with pytest.raises(ValueError, match="needs --run_dir"):
+    with pytest.raises(RunDirError, match="needs --run_dir"):
         resolve_run_dir(None, "fit", "last", "residual20")
     fresh = resolve_run_dir(None, "test", None, "residual20")
     assert fresh.parent == Path("runs") / "train" and fresh.name.startswith("residual20-test-")
+    assert fresh.is_dir() and not any(fresh.iterdir())
+
+
+def test_default_run_folders_started_in_the_same_second_are_two_folders(tmp_path, monkeypatch):
+    from resnet_probe.train import cli as train_cli
+    monkeypatch.setattr(train_cli.time, "strftime", lambda fmt, *t: "20250101-120000")
+    first = train_cli.new_run_dir("residual20-A-s0", root=tmp_path)
+    second = train_cli.new_run_dir("residual20-A-s0", root=tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()  # each created, not merely named
+    assert (first.name, second.name) == ("residual20-A-s0-20250101-120000", "residual20-A-s0-20250101-120000-1")
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory) -> Path:
+    """320 synthetic training images (256 after the 64-image validation split: 8 steps of 32 an epoch)."""
+    path = tmp_path_factory.mktemp("pack") / "tiny.npz"
+    write_pack(path, make_synthetic(n_train=320, n_test=32, seed=1))
+    return path
+
+
+def _tiny_fit_args(pack: Path, max_steps: int = 24) -> list[str]:
+    return ["--data.data", str(pack), "--data.val_size", "64", "--data.batch_size", "32",
+            "--data.eval_batch_size", "64", "--model.depth", "8", "--model.recipe", "paper",
+            "--model.max_steps", str(max_steps), "--model.log_every_n_steps", "4", "--checkpoint_every_n_steps", "4",
+            "--trainer.deterministic", "true", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--seed_everything", "0"]
+
+
+def _sha256s(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_a_folder_holding_a_run_is_refused_before_anything_is_written(tiny_pack, tmp_path, monkeypatch, capsys,
+                                                                      subcommand):
+    from resnet_probe.cli import main
+    from resnet_probe.train.cli import RUN_DIR_ENV
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / "finished"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.csv").write_text("epoch,step,val_error\n0,7,0.5\n")
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    (run / "hparams.yaml").write_text("depth: 8\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    before = _sha256s(run)
+    try:
+        status = main([subcommand, *_tiny_fit_args(tiny_pack, max_steps=1), "--run_dir", str(run)])
+    finally:
+        assert _sha256s(run) == before  # nothing deleted, replaced or added, whatever the command did
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"--run_dir {run} already holds a run" in err and "nothing was written" in err
+    assert ("--ckpt_path last" in err) == (subcommand == "fit")
+
+
+@pytest.mark.parametrize("folder", ["mistyped", "empty"])
+def test_resuming_last_without_a_checkpoint_is_an_error_naming_the_folder(tiny_pack, tmp_path, monkeypatch, capsys,
+                                                                          folder):
+    from resnet_probe.cli import main
+    from resnet_probe.train.cli import RUN_DIR_ENV
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / folder
+    if folder == "empty":
+        run.mkdir()
+    assert main(["fit", *_tiny_fit_args(tiny_pack, max_steps=2), "--run_dir", str(run), "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    state = "does not exist" if folder == "mistyped" else "holds no last.ckpt"
+    assert f"--ckpt_path last: run folder {run} {state} (looked in {run / 'checkpoints'})" in err
+    assert run.exists() == (folder == "empty") and not (run.exists() and any(run.iterdir()))
 
 
 def test_cli_inspect_describes_a_checkpoint(tiny_run, capsys):
@@ -275,19 +347,15 @@ PAUSE_CALLBACK = textwrap.dedent('''
 ''')
 
 
-def _fit(tmp: Path, run: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "resnet_probe.cli", "fit", "--data.data", str(tmp / "tiny.npz"),
-            "--data.val_size", "64", "--data.batch_size", "32", "--data.eval_batch_size", "64",
-            "--model.depth", "8", "--model.recipe", "paper", "--model.max_steps", "24",
-            "--model.log_every_n_steps", "4", "--checkpoint_every_n_steps", "4",
-            "--trainer.deterministic", "true", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--seed_everything", "0",
-            "--run_dir", str(tmp / run), *extra]
-    env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
-           "RESNET_PROBE_CACHE": str(tmp / "cache")}
+def _fit(pack: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    """``resnet-probe fit`` of the tiny run (24 steps, 8 an epoch, checkpoints every 4) in a subprocess."""
+    cwd = run_dir.parent
+    args = [sys.executable, "-m", "resnet_probe.cli", "fit", *_tiny_fit_args(pack), "--run_dir", str(run_dir), *extra]
+    env = {**os.environ, "PYTHONPATH": f"{cwd}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+           "RESNET_PROBE_CACHE": str(cwd / "cache")}
     env.pop("RESNET_PROBE_RUN_DIR", None)
-    log = open(tmp / f"{run}-{len(list(tmp.glob(run + '-*.log')))}.log", "w")
-    proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    log = open(cwd / f"{run_dir.name}-{len(list(cwd.glob(run_dir.name + '-*.log')))}.log", "w")
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log_path = Path(log.name)
     log.close()
     return proc
@@ -302,42 +370,70 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> None:
     assert proc.returncode == 0, _output(proc)
 
 
-def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
-    # 256 training images / batch 32 = 8 steps an epoch; checkpoints every 4 steps; 24 steps in all
-    write_pack(tmp_path / "tiny.npz", make_synthetic(n_train=320, n_test=32, seed=1))
-    (tmp_path / "pause_cb.py").write_text(PAUSE_CALLBACK)
-    signal_file = tmp_path / "paused"
-    (tmp_path / "pause.yaml").write_text(
-        f"trainer:\n  callbacks:\n    - class_path: pause_cb.PauseAt\n"
-        f"      init_args: {{step: 12, signal_file: {signal_file}}}\n")
+@pytest.fixture(scope="module")
+def uninterrupted_fit(tiny_pack, tmp_path_factory) -> Path:
+    """The run folder of the tiny fit, run without interruption."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    _finish(_fit(tiny_pack, run_dir))
+    return run_dir
 
-    reference = _fit(tmp_path, "reference")
-    killed = _fit(tmp_path, "killed", "--config", str(tmp_path / "pause.yaml"))
+
+def _start_paused(pack: Path, tmp: Path, step: int) -> tuple[subprocess.Popen, Path]:
+    """Start the tiny fit with a callback that stops it before optimizer step ``step``."""
+    (tmp / "pause_cb.py").write_text(PAUSE_CALLBACK)
+    signal_file = tmp / f"paused-{step}"
+    config = tmp / f"pause-{step}.yaml"
+    config.write_text(f"trainer:\n  callbacks:\n    - class_path: pause_cb.PauseAt\n"
+                      f"      init_args: {{step: {step}, signal_file: {signal_file}}}\n")
+    return _fit(pack, tmp / f"killed-{step}", "--config", str(config)), signal_file
+
+
+def _kill_when_paused(proc: subprocess.Popen, signal_file: Path) -> None:
     deadline = time.monotonic() + 600
-    while not signal_file.exists() and killed.poll() is None and time.monotonic() < deadline:
+    while not signal_file.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert signal_file.exists() and killed.returncode == -signal.SIGKILL, _output(killed)
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 12 and state["global_step"] % 8 != 0  # mid-epoch (epoch 1, batch 4)
-    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == 4
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert signal_file.exists() and proc.returncode == -signal.SIGKILL, _output(proc)
 
-    _finish(reference)
-    _finish(_fit(tmp_path, "killed", "--ckpt_path", "last"))
 
-    want = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    got = torch.load(last, map_location="cpu", weights_only=True)
+def _assert_resumed_run_equals(run_dir: Path, reference: Path) -> None:
+    """Same final weights, bitwise, and the same metrics.csv rows as the uninterrupted run."""
+    want = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    got = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert got["global_step"] == want["global_step"] == 24
     assert want["state_dict"].keys() == got["state_dict"].keys()
     for key, value in want["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), key
-    assert (tmp_path / "killed" / "config.yaml").is_file()
-    # the resumed run's metrics.csv keeps the rows logged before the kill and continues them exactly
-    rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
+    assert (run_dir / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [r["step"] for r in rows if r.get("train_loss_step")] == [str(s) for s in range(4, 24, 4)]
-    assert rows == list(csv.DictReader(open(tmp_path / "reference" / "metrics.csv")))
+    assert rows == list(csv.DictReader(open(reference / "metrics.csv")))
+
+
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tiny_pack, uninterrupted_fit, tmp_path):
+    killed, signal_file = _start_paused(tiny_pack, tmp_path, 12)
+    _kill_when_paused(killed, signal_file)
+    last = tmp_path / "killed-12" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 12 and state["global_step"] % 8 != 0  # mid-epoch (epoch 1, batch 4)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == 4
+
+    _finish(_fit(tiny_pack, tmp_path / "killed-12", "--ckpt_path", "last"))
+    # the resumed run's metrics.csv keeps the rows logged before the kill and continues them exactly
+    _assert_resumed_run_equals(tmp_path / "killed-12", uninterrupted_fit)
+
+
+def test_a_run_killed_after_an_epoch_end_resumes_with_each_row_once(tiny_pack, uninterrupted_fit, tmp_path):
+    """Killed before step 17: epoch 1 ended at step 16 and the rows of steps 12, 15 (epoch end) and 16
+    are written, after the last checkpoint inside an epoch (step 12). The resumed run redoes them once."""
+    killed, signal_file = _start_paused(tiny_pack, tmp_path, 17)
+    _kill_when_paused(killed, signal_file)
+    logged = list(csv.DictReader(open(tmp_path / "killed-17" / "metrics.csv")))
+    assert [r["step"] for r in logged if r.get("train_loss_step")] == ["4", "8", "12", "16"]
+    assert [r["step"] for r in logged if r.get("val_error")] == ["7", "15"]
+    _finish(_fit(tiny_pack, tmp_path / "killed-17", "--ckpt_path", "last"))
+    _assert_resumed_run_equals(tmp_path / "killed-17", uninterrupted_fit)
 
 
 # Learning on real data: tests/test_science.py::test_a_small_residual_net_learns_real_cifar10.

@@ -7,8 +7,10 @@ changes shape; for torchvision this is ``downsample is not None``, which include
 projection of Bottleneck ``layer1.0``). Reading the anatomy changes neither the model's outputs
 nor its ``state_dict``: it holds references to existing modules and adds nothing to them.
 
-Supported: this package's ``CifarNet`` (plain, residual, highway, preact) and torchvision ResNets
-built from ``BasicBlock`` / ``Bottleneck`` (resnet18...152, resnext, wide_resnet). A
+Supported: this package's ``CifarNet`` (plain, residual, highway, preact), torchvision ResNets
+built from ``BasicBlock`` / ``Bottleneck`` (resnet18...152, resnext, wide_resnet), timm's ``ResNet``
+and ``ResNetV2`` families (``timm_adapter.py``), and any model built from blocks the user declared
+with ``declare_block`` (``declared.py``). A
 ``GroupedCifarNet`` (S models side by side) has an anatomy only on request (``grouped=True``): its
 blocks hold S models' channel blocks at once, which only per-model-aware tools (the gradient
 probe) can read.
@@ -44,12 +46,16 @@ class BlockAnatomy:
         module: the block module itself.
         ops: its ``branch`` / ``shortcut`` / ``combine`` callables.
         layers: ``(name, module)`` pairs whose outputs are the branch's per-layer responses
-            (each conv's output after its BN, before ReLU or addition); the last is ``F(x)``.
+            (each conv's output after its BN, before ReLU or addition; for pre-activation blocks
+            each conv's output).
         shortcut_module: the module computing ``S(x)``, or ``None`` for the identity.
         gate_module: the module computing ``T(x)`` (highway), else ``None``.
         downsampling: the shortcut changes the shape of its input.
         post_activation: a ReLU follows the combine step (``ReLU(F + S)``).
-        family: ``plain``, ``residual``, ``highway``, ``preact`` or ``torchvision``.
+        family: ``plain``, ``residual``, ``highway``, ``preact``, ``torchvision``, ``timm`` or
+            ``declared``.
+        branch_output: the module whose output is ``F(x)`` when it is not the last of ``layers``
+            (a squeeze-excitation or drop-path module ending the branch).
     """
 
     name: str
@@ -64,6 +70,12 @@ class BlockAnatomy:
     downsampling: bool
     post_activation: bool
     family: str
+    branch_output: nn.Module | None = None
+
+    @property
+    def branch_module(self) -> nn.Module:
+        """The module whose output is ``F(x)``."""
+        return self.layers[-1][1] if self.branch_output is None else self.branch_output
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """``F(x)``: the residual function (for highway nets, before the ReLU of ``H``)."""
@@ -181,18 +193,29 @@ class Anatomy:
         return sorted(set(out))
 
 
+SUPPORTED = ("resnet_probe CifarNet (plain, residual, highway, preact); torchvision ResNets built from "
+             "BasicBlock/Bottleneck (resnet18...152, resnext*, wide_resnet*); timm ResNet (resnet*, "
+             "resnext*, seresnet*, seresnext*, wide_resnet*, ecaresnet*, resnetblur*, resnetaa*, "
+             "resnetrs*, senet154) and ResNetV2 (resnetv2_*); models built from blocks declared with "
+             "resnet_probe.models.declare_block")
+HOW_TO_DECLARE = ("declare the block type once, e.g. declare_block(BasicBlock, branch=['conv1', 'bn1', "
+                  "F.relu, 'conv2', 'bn2'], shortcut='shortcut', combine='relu') (combine: relu = "
+                  "ReLU(F + S), add = F + S, gate = F T + S (1 - T)); see help(resnet_probe.models.declare_block)")
+
+
 def anatomy(model: nn.Module, grouped: bool = False) -> Anatomy:
-    """The block anatomy of a supported model.
+    """The block anatomy of a supported model (``SUPPORTED``).
 
     Args:
-        model: a CIFAR net or a torchvision ResNet.
+        model: a CIFAR net, a torchvision or timm ResNet, or a model built from declared blocks.
         grouped: also accept a ``GroupedCifarNet`` (its anatomy has ``num_models = S``).
 
     Raises:
-        TypeError: the model has no recognisable residual blocks (naming what is supported), or it
-            is a grouped network and ``grouped`` is false.
+        TypeError: the model has no recognisable residual blocks (naming what is supported and how
+            to declare a block), or it is a grouped network and ``grouped`` is false.
     """
     from .cifar import CifarNet
+    from .declared import declaration_of, declared_anatomy
     from .grouped import GroupedCifarNet
 
     if isinstance(model, CifarNet):
@@ -203,14 +226,20 @@ def anatomy(model: nn.Module, grouped: bool = False) -> Anatomy:
                             "each one: GroupedCifarNet.export() (or GroupedClassifier.export_checkpoints) "
                             "gives them as ordinary CifarNets")
         return _cifar_anatomy(model, model.config["family"], model.num_models)
+    if type(model).__module__.startswith("timm."):
+        # Imported only for timm models: timm is optional and slow to import.
+        from .timm_adapter import is_timm_resnet, timm_anatomy
+        if is_timm_resnet(model):
+            return timm_anatomy(model)
     # Imported only when needed: torchvision's model zoo is slow to import.
     from .torchvision_adapter import is_torchvision_resnet, torchvision_anatomy
 
     if is_torchvision_resnet(model):
         return torchvision_anatomy(model)
-    raise TypeError(f"{type(model).__name__} has no recognisable residual blocks; supported models: "
-                    "resnet_probe CifarNet (plain, residual, highway, preact) and torchvision ResNets "
-                    "built from BasicBlock/Bottleneck (resnet18...152, resnext*, wide_resnet*)")
+    if any(declaration_of(m) is not None for m in model.modules()):
+        return declared_anatomy(model)
+    raise TypeError(f"{type(model).__name__} has no recognisable residual blocks; supported: {SUPPORTED}. "
+                    f"For other residual blocks, {HOW_TO_DECLARE}")
 
 
 def _cifar_anatomy(model, family: str, num_models: int = 1) -> Anatomy:

@@ -6,11 +6,11 @@ a convolution ``z = W * x + c``, the pair is one convolution with weights ``a * 
 ``a * c + b``. Folding removes one pass over every activation; the folded network computes the same
 function up to float rounding (the new weights are computed in float64, then cast back).
 
-A pair is folded when the BatchNorm directly follows the convolution: consecutive children of an
-``nn.Sequential`` (CIFAR branches, stems, projection shortcuts, torchvision ``downsample``), or
-``convK`` / ``bnK`` of a torchvision ``BasicBlock``, ``Bottleneck`` or ``ResNet`` (whose forward
-applies ``bnK`` to ``convK``'s output). A BatchNorm that precedes its convolution (pre-activation
-branches) is left as it is. Each folded BatchNorm is replaced by ``nn.Identity`` under the same
+A pair is folded when a plain ``nn.BatchNorm2d`` (not a subclass, which may do more) directly
+follows the convolution: consecutive children of an ``nn.Sequential`` (CIFAR branches, stems,
+projection shortcuts, torchvision ``downsample``), or ``convK`` / ``bnK`` of a torchvision
+``BasicBlock``, ``Bottleneck`` or ``ResNet`` (whose forward applies ``bnK`` to ``convK``'s output).
+A BatchNorm that precedes its convolution (pre-activation branches) is left as it is. Each folded BatchNorm is replaced by ``nn.Identity`` under the same
 name, so the block anatomy, lesions and probes work on the copy unchanged (a probe on a former BN
 site now reads the folded convolution's output, which is the same value; in a pre-activation net a
 ``conv`` site then reads the output of the BatchNorm that followed it).
@@ -62,7 +62,8 @@ def _pairs(module: nn.Module) -> list[tuple[str, str]]:
 
 
 def _foldable(conv, bn) -> bool:
-    return (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+    # exactly nn.BatchNorm2d: a subclass may do more (timm's BatchNormAct2d also applies an activation)
+    return (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats
             and bn.running_mean is not None and conv.out_channels == bn.num_features)
 
 

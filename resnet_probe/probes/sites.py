@@ -5,7 +5,8 @@ Every block ``stage{s}.block{b}`` of any supported model has these sites:
 - ``stage{s}.block{b}.branch.conv{i}`` (kind ``layer``): the i-th 3x3 layer's response, i.e. the
   output of that conv after its BN, before ReLU or addition (He et al. 2016, Fig. 7);
 - ``stage{s}.block{b}.branch`` (kind ``branch``): the branch output ``F(x)`` -- the last layer's
-  response, the headline "residual response";
+  response (or, where the branch ends in squeeze-excitation or drop-path, that module's output),
+  the headline "residual response";
 - ``stage{s}.block{b}.shortcut`` (kind ``shortcut``): ``S(x)``; the block input for an identity
   shortcut; for plain nets the parameter-free mapping the block would be replaced by;
 - ``stage{s}.block{b}.out`` (kind ``out``): the block output;
@@ -65,7 +66,7 @@ def block_sites(block: BlockAnatomy, paths: dict[int, str]) -> list[Site]:
         out.append(Site(f"{block.name}.gate", "gate", block, block.gate_module, where(block.gate_module)))
     for lname, mod in block.layers:
         out.append(Site(f"{block.name}.branch.{lname}", "layer", block, mod, where(mod)))
-    last = block.layers[-1][1]
+    last = block.branch_module
     out.append(Site(f"{block.name}.branch", "branch", block, last, where(last)))
     sc = block.shortcut_module
     out.append(Site(f"{block.name}.shortcut", "shortcut", block, sc,

@@ -14,19 +14,23 @@ A study is short::
     run.finish()                           # draws figures, writes report.md + report.html, prints the path
 
 ``with new_run(...) as run:`` does the same and marks the run ``failed`` / ``interrupted`` (in
-``status.json``) when the study raises; a killed study leaves ``running``: the folder reads as
-incomplete. Earlier run folders are never touched.
+``status.json``) when the study raises; inside it SIGTERM is handled like Ctrl-C (``RunTerminated``,
+a ``KeyboardInterrupt``; run marked ``interrupted``). ``status.json`` records the writing process
+(pid, host, start) and its last save, so a study killed outright (SIGKILL) is found out:
+``resnet-probe report`` says "the process that wrote it is gone". Earlier run folders are never touched.
 
 Public API
 ----------
 - ``new_run(study, out="runs", config=None, *, data=None, source_file=None, title=None, argv=None) -> Run``
 - ``open_run(path) -> Run``; ``find_run(study)``: the run a notebook reads
-- ``Run``: ``path``, ``state``, ``tables``, ``figures``, ``provenance``, ``table(name)``,
+- ``Run``: ``path``, ``state``, ``status``, ``tables``, ``figures``, ``provenance``, ``table(name)``,
   ``add_table(name, df)``, ``add_figure(name, kind, table, *, section=None, caption=None, **spec)``,
   ``add_text(section, markdown)``, ``add_headline(df_or_markdown, *, title=None)``, ``set_data(dict)``,
   ``set_title(title)``, ``mark(state)``, ``link_child(run_or_path)``, ``write_report()``, ``finish()``
 - ``combine_runs(run, children, title=None)``: one report over several runs
-- ``rebuild(run_dir) -> Path`` / ``rebuild_main(argv=None)``: ``resnet-probe report RUN_DIR``
+- ``rebuild(run_dir) -> Path`` / ``rebuild_main(argv=None)``: ``resnet-probe report RUN_DIR
+  [--allow-incomplete]`` (an incomplete run, or a table whose row count differs from the recorded
+  one, is refused)
 - figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile, contour) and their spec keys
   ``SPEC_KEYS``: see ``resnet_probe/report/figures.py``
 - numbers: ``mean_ci``, ``format_ci``, ``format_mean_std``, ``summarise_over_seeds``
@@ -38,10 +42,11 @@ from .find import find_run
 from .figures import FIGURE_KINDS, SPEC_KEYS
 from .folder import STATES, RunFolderError
 from .rebuild import FigureError, rebuild, rebuild_main
+from .interrupt import RunTerminated
 from .run import Run, new_run, open_run
 from .tables import TIDY_RECOMMENDED, TIDY_REQUIRED, validate_tidy
 from .uncertainty import format_ci, format_mean_std, mean_ci, summarise_over_seeds
 
-__all__ = ["FIGURE_KINDS", "FigureError", "Run", "RunFolderError", "SPEC_KEYS", "STATES", "TIDY_RECOMMENDED",
-           "TIDY_REQUIRED", "combine_runs", "find_run", "format_ci", "format_mean_std", "mean_ci", "new_run", "open_run",
-           "rebuild", "rebuild_main", "summarise_over_seeds", "validate_tidy"]
+__all__ = ["FIGURE_KINDS", "FigureError", "Run", "RunFolderError", "RunTerminated", "SPEC_KEYS", "STATES",
+           "TIDY_RECOMMENDED", "TIDY_REQUIRED", "combine_runs", "find_run", "format_ci", "format_mean_std", "mean_ci",
+           "new_run", "open_run",           "rebuild", "rebuild_main", "summarise_over_seeds", "validate_tidy"]

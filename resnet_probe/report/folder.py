@@ -2,7 +2,8 @@
 
 A run folder ``<out>/<study>/<YYYYmmdd-HHMMSS>-<id>/`` holds::
 
-    status.json       {"state": "running" | "complete" | "failed" | "interrupted", ...}
+    status.json       {"state": "running" | "complete" | "failed" | "interrupted", "error", "started",
+                       "finished", "pid", "host", "pid_start", "heartbeat"}
     report.json       tables (file, dtypes), figure specs, texts, headlines, combined sub-runs
     provenance.json   command, config, packages, git, data source, hardware, times
     tables/*.csv      tidy long tables
@@ -12,7 +13,7 @@ A run folder ``<out>/<study>/<YYYYmmdd-HHMMSS>-<id>/`` holds::
 
 A folder is created with ``exist_ok=False`` (a fresh random id is tried on a clash), so a run never
 writes into another run's folder. ``status.json`` says ``running`` until the study finishes; a
-study that dies leaves it so, and the folder reads as incomplete.
+study killed outright leaves it so, and ``liveness`` finds out that its process is gone.
 """
 from __future__ import annotations
 

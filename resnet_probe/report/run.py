@@ -4,23 +4,36 @@ Every change is saved at once (tables as CSV, the rest in ``report.json``), atom
 that dies keeps what it had measured and ``resnet-probe report RUN_DIR`` can still draw it.
 ``finish()`` draws every figure from the tables on disk, writes the reports, marks the run
 complete and prints where the report is.
+
+``status.json`` names the writing process (pid, host, start time) and the time of its last save
+(``heartbeat``), so a run killed outright can be told from one still running (see ``liveness``).
+Inside ``with new_run(...) as run:`` the main thread handles SIGTERM like SIGINT (see
+``interrupt``): the run is marked ``interrupted``; the previous handler is restored on exit.
 """
 from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
 
 from .folder import PROVENANCE, REPORT, STATUS, RunFolderError, check_run_dir, make_run_dir, read_json, write_json
+from .interrupt import RunTerminated, install_sigterm, interrupted, restore_sigterm
+from .liveness import process_identity, writer_alive
 from .provenance import collect_provenance, finish_provenance, jsonable
 from .tables import check_name, read_table, write_table
 
 __all__ = ["Run", "new_run", "open_run"]
 
 REPORT_FORMAT = 1
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 class Run:
@@ -31,12 +44,15 @@ class Run:
         study: the study's name.
     """
 
-    def __init__(self, path: Path, state: dict, provenance: dict, status: dict):
+    def __init__(self, path: Path, state: dict, provenance: dict, status: dict, *, writer: bool = False):
         self.path = Path(path)
         self._state = state
         self._prov = provenance
         self._status = status
         self._cache: dict[str, pd.DataFrame] = {}
+        self._writer = writer        # made by new_run in this process: its saves are the run's heartbeat
+        self._terminated = False     # SIGTERM received inside the with block
+        self._sigterm_before = None  # the SIGTERM handler to restore on exit, while ours is installed
 
     # ---- reading -------------------------------------------------------------------------------
     @property
@@ -47,6 +63,11 @@ class Run:
     def state(self) -> str:
         """``running``, ``complete``, ``failed`` or ``interrupted``."""
         return self._status["state"]
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The content of ``status.json``: state, error, started, finished, pid, host, pid_start, heartbeat."""
+        return dict(self._status)
 
     @property
     def tables(self) -> list[str]:
@@ -68,12 +89,19 @@ class Run:
             raise KeyError(f"no table {name!r} in {self.path}; tables: {self.tables}")
         if name not in self._cache:
             rec = self._state["tables"][name]
-            self._cache = {name: read_table(self.path / rec["file"], rec["dtypes"])}
+            self._cache = {name: read_table(self.path / rec["file"], rec["dtypes"], rows=rec.get("rows"))}
         return self._cache[name].copy()
 
     # ---- writing -------------------------------------------------------------------------------
     def _save(self) -> None:
         write_json(self.path / REPORT, self._state)
+        if self._writer:  # a Run opened with open_run must not write back a status it read earlier
+            self._write_status(self._status)
+
+    def _write_status(self, status: dict) -> None:
+        """Write ``status`` to ``status.json`` with the time of this save as its ``heartbeat``."""
+        self._status = {**status, "heartbeat": _now()}
+        write_json(self.path / STATUS, self._status)
 
     def add_table(self, name: str, df: pd.DataFrame) -> Path:
         """Save a tidy long table as ``tables/<name>.csv`` (adding the same name again replaces it).
@@ -142,6 +170,8 @@ class Run:
         """Record the data source (e.g. ``DataSource.provenance()``); ``synthetic: True`` adds a warning banner."""
         self._prov["data"] = jsonable(dict(description))
         write_json(self.path / PROVENANCE, self._prov)
+        if self._writer:
+            self._write_status(self._status)
 
     def set_command(self, command: str) -> None:
         """Record the command that repeats this run (shown in the report's provenance)."""
@@ -158,8 +188,7 @@ class Run:
         from .folder import STATES
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}; valid: {STATES}")
-        self._status = {**self._status, "state": state, "error": error}
-        write_json(self.path / STATUS, self._status)
+        self._write_status({**self._status, "state": state, "error": error})
 
     def link_child(self, child: "Run | str | Path", title: str | None = None) -> None:
         """Show another run's headlines and figures in this run's report (see ``combine_runs``)."""
@@ -179,7 +208,11 @@ class Run:
             The path of ``report.html``.
         """
         from .render import render_report
-        return render_report(self.path, self._state, self._prov, self._status)[1]
+        status = dict(self._status)
+        if status.get("state") == "running" and writer_alive(status) is False:  # shown, not recorded
+            status["error"] = (f"the process that wrote it is gone (pid {status['pid']} on host {status['host']}, "
+                               f"last saved {status.get('heartbeat')})")
+        return render_report(self.path, self._state, self._prov, status)[1]
 
     def finish(self) -> Path:
         """Draw every figure from the saved tables, write report.md / report.html, mark the run complete.
@@ -195,23 +228,40 @@ class Run:
             status = {**self._status, "state": "complete", "error": None, "finished": self._prov["finished"]}
             _, html_path = render_report(self.path, self._state, self._prov, status)
         except BaseException as e:
-            self.mark("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", f"{type(e).__name__}: {e}")
+            self._mark_ended_by(e)
             raise
-        self._status = status
-        write_json(self.path / STATUS, status)
+        self._write_status(status)
         print(f"report: {html_path} (markdown: {html_path.with_suffix('.md')})", flush=True)
         return html_path
 
+    def _mark_ended_by(self, exc: BaseException) -> None:
+        """Mark the run ``interrupted`` (SIGINT, SIGTERM) or ``failed`` by ``exc``."""
+        error = f"{type(exc).__name__}: {exc}"
+        if self._terminated and not isinstance(exc, RunTerminated):
+            error = f"received SIGTERM ({error})"
+        self.mark("interrupted" if self._terminated or interrupted(exc) else "failed", error)
+
+    def _on_sigterm(self, signum: int, frame) -> None:
+        if self._terminated:  # the run is already being marked: a repeated SIGTERM does not cut that short
+            return
+        self._terminated = True
+        raise RunTerminated(f"received {signal.Signals(signum).name}")
+
     def __enter__(self) -> "Run":
+        if self._sigterm_before is None:
+            self._sigterm_before = install_sigterm(self._on_sigterm)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            if self.state != "complete":
-                self.finish()
-        else:
-            self.mark("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed",
-                      f"{exc_type.__name__}: {exc}")
+        try:
+            if exc_type is None:
+                if self.state != "complete":
+                    self.finish()
+            else:
+                self._mark_ended_by(exc)
+        finally:
+            restore_sigterm(self._sigterm_before)
+            self._sigterm_before = None
         return False
 
     def __repr__(self) -> str:
@@ -252,7 +302,8 @@ def new_run(study: str, out: str | Path = "runs", config: Mapping[str, Any] | No
             shutil.copy2(src, dest)
             prov["source"] = {"file": f"source/{src.name}", "original": str(src.resolve()),
                               "sha256": hashlib.sha256(dest.read_bytes()).hexdigest()}
-        status = {"state": "running", "error": None, "started": prov["started"], "finished": None}
+        status = {"state": "running", "error": None, "started": prov["started"], "finished": None,
+                  **process_identity(), "heartbeat": prov["started"]}
         state = {"format": REPORT_FORMAT, "study": study, "title": title or study, "tables": {}, "figures": [],
                  "texts": [], "headlines": [], "children": []}
         write_json(path / STATUS, status)
@@ -261,7 +312,7 @@ def new_run(study: str, out: str | Path = "runs", config: Mapping[str, Any] | No
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    return Run(path, state, prov, status)
+    return Run(path, state, prov, status, writer=True)
 
 
 def open_run(path: str | Path) -> Run:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_write_csv
+from .folder import RunFolderError
 
 __all__ = ["TIDY_REQUIRED", "TIDY_RECOMMENDED", "check_name", "validate_tidy", "write_table", "read_table"]
 
@@ -110,22 +111,41 @@ def write_table(df: pd.DataFrame, path: Path, name: str) -> dict[str, Any]:
             "rows": int(len(df))}
 
 
-def read_table(path: Path, dtypes: dict[str, str] | None = None) -> pd.DataFrame:
+def read_table(path: Path, dtypes: dict[str, str] | None = None, rows: int | None = None) -> pd.DataFrame:
     """Read a table written by ``write_table``, restoring the recorded column dtypes.
 
     Args:
         path: the CSV file.
         dtypes: column -> one of ``int64, float64, bool, object`` (from ``report.json``).
+        rows: the row count recorded when the table was written; a file with another count, or one
+            cut off inside its last line, is refused.
 
     Returns:
         The table.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RunFolderError: the file is not the table that was written (cut off, rows lost or added, unreadable).
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"table file {path} does not exist")
+    changed = "it changed after the run wrote it; restore it, or re-run the study"
+    if rows is not None:
+        with open(path, "rb") as f:
+            f.seek(max(path.stat().st_size - 1, 0))
+            if f.read(1) != b"\n":  # write_table ends every file with a line break
+                raise RunFolderError(f"table file {path} is cut off inside its last line: {changed}")
     dtypes = dict(dtypes or {})
     text_cols = {c: str for c, d in dtypes.items() if d in ("object", "string")}
-    df = pd.read_csv(path, dtype=text_cols or None, keep_default_na=False, na_values=[""],
-                     float_precision="round_trip")
+    try:
+        df = pd.read_csv(path, dtype=text_cols or None, keep_default_na=False, na_values=[""],
+                         float_precision="round_trip")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"table file {path} cannot be read as CSV ({e})") from None
+    if rows is not None and len(df) != rows:
+        raise RunFolderError(f"table file {path} has {len(df)} rows but report.json recorded {rows} "
+                             f"when the table was saved: {changed}")
     for c, d in dtypes.items():
         if c not in df.columns or d not in _DTYPES:
             continue

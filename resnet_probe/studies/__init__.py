@@ -5,5 +5,5 @@ presets), a ``run(settings, models, data, ...) -> StudyResult`` function that re
 and a ``COMMAND`` from which ``command`` builds its command line (``resnet-probe STUDY``,
 ``studies/STUDY.py``). Studies compose in Python: ``quickstart`` calls the others' ``run``.
 """
-STUDIES = ("train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway", "landscape", "shattered",
-           "quickstart")
+STUDIES = ("train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway", "similarity",
+           "landscape", "shattered", "quickstart")

@@ -9,7 +9,8 @@ hurts far less than deleting one block of a plain net (Veit et al. 2016, Fig. 3)
 Steps, composed in Python: ``train_zoo`` (families x depths on the available data: the JPEG pack or
 CIFAR-10 when found, synthetic data otherwise, said loudly), then ``degradation``, ``response_std``
 and ``gradients`` on the zoo, ``lesion`` on its deepest plain, highway and residual nets, ``paths`` on
-its deepest residual net and ``highway`` on its highway net, and a combined report whose headline
+its deepest residual net, ``highway`` on its highway net, ``similarity`` (block CKA) on its deepest plain,
+highway and residual nets, and a combined report whose headline
 states each effect as a difference with a 95 % interval and a verdict (``effects``).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Sequence
 import pandas as pd
 
 from ..report import combine_runs
-from . import degradation, gradients, highway, lesion, paths, response_std, train_zoo
+from . import degradation, gradients, highway, lesion, paths, response_std, similarity, train_zoo
 from .spec import StudyCommand
 from .effects import CONSISTENT, cell, degradation_effect, deletion_effect, response_effect
 from .inputs import StudyData, Zoo, model_name
@@ -30,7 +31,7 @@ from .runs import StudyResult, study_config, study_run
 from .train_zoo import ZooSettings
 
 TITLE = "resnet_probe quickstart: why residual nets train"
-ANALYSIS_MODULES = {"lesion": lesion, "paths": paths, "highway": highway}
+ANALYSIS_MODULES = {"lesion": lesion, "paths": paths, "highway": highway, "similarity": similarity}
 ANALYSES = tuple(ANALYSIS_MODULES)
 
 
@@ -39,7 +40,7 @@ class QuickstartSettings:
     """What the quickstart runs on the zoo, and how large.
 
     Args:
-        analyses: analysis studies run on the zoo's deepest nets (lesion, paths, highway).
+        analyses: analysis studies run on the zoo's deepest nets (lesion, paths, highway, similarity).
         n_resamples: bootstrap resamples of the headline intervals.
         degradation: settings of the degradation study.
         response_std: settings of the response-std study.
@@ -47,6 +48,8 @@ class QuickstartSettings:
         lesion: settings of the lesion study (run on the deepest plain, highway and residual nets).
         paths: settings of the paths study (deepest residual net).
         highway: settings of the highway study.
+        similarity: settings of the similarity study (deepest plain, highway and residual nets, compared in
+            pairs of the same depth).
     """
 
     analyses: tuple[str, ...] = ANALYSES
@@ -58,6 +61,8 @@ class QuickstartSettings:
         n_examples=1000, k_max=4, n_sets=5, k_swaps=(1, 2, 4), reorder_sets=3, attribution_examples=8))
     paths: paths.PathsSettings = field(default_factory=lambda: paths.PathsSettings(n_examples=32, n_samples=10))
     highway: highway.HighwaySettings = field(default_factory=lambda: highway.HighwaySettings(n_examples=500))
+    similarity: similarity.SimilaritySettings = field(
+        default_factory=lambda: similarity.SimilaritySettings(n_examples=500, minibatch=50))
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.analyses) - set(ANALYSES))
@@ -75,14 +80,14 @@ class QuickstartSettings:
         return cls(degradation=degradation.DegradationSettings.paper(),
                    response_std=response_std.ResponseSettings.paper(), gradients=gradients.GradientSettings.paper(),
                    lesion=lesion.LesionSettings.paper(), paths=paths.PathsSettings.paper(),
-                   highway=highway.HighwaySettings.paper())
+                   highway=highway.HighwaySettings.paper(), similarity=similarity.SimilaritySettings.paper())
 
     @classmethod
     def tiny(cls) -> "QuickstartSettings":
         return cls(n_resamples=100, degradation=degradation.DegradationSettings.tiny(),
                    response_std=response_std.ResponseSettings.tiny(), gradients=gradients.GradientSettings.tiny(),
                    lesion=lesion.LesionSettings.tiny(), paths=paths.PathsSettings.tiny(),
-                   highway=highway.HighwaySettings.tiny())
+                   highway=highway.HighwaySettings.tiny(), similarity=similarity.SimilaritySettings.tiny())
 
 
 def trained_nets(scale: str) -> ZooSettings:
@@ -119,7 +124,7 @@ def run(settings: QuickstartSettings, models: Zoo | None, data: StudyData, *, ou
                "gradients": timed("gradients", gradients.run, settings.gradients, zoo, data, **common)}
     deepest = zoo.deepest(("plain", "highway", "residual"))
     for_study = {"lesion": deepest, "paths": [m for m in deepest if m.family == "residual"],
-                 "highway": [m for m in deepest if m.family == "highway"]}
+                 "highway": [m for m in deepest if m.family == "highway"], "similarity": deepest}
     for name in settings.analyses:
         if for_study[name]:
             results[name] = timed(name, ANALYSIS_MODULES[name].run, getattr(settings, name), Zoo(for_study[name]),
@@ -223,5 +228,5 @@ def _texts(run, zoo: Zoo, s: QuickstartSettings, train: ZooSettings, seeds, timi
 COMMAND = StudyCommand(
     name="quickstart", run=run, settings=QuickstartSettings, inputs="zoo", train=trained_nets, threads=1,
     description="Train small plain / highway / residual nets and run every study on them (degradation, response "
-                "std, gradients, lesion, paths, highway): one report whose headline states three effects of the "
+                "std, gradients, lesion, paths, highway, similarity): one report whose headline states three effects of the "
                 "papers with intervals.")
