@@ -27,7 +27,7 @@ trained here (plain and residual at several depths).
 """
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Sequence
@@ -203,7 +203,10 @@ def measure(s: ShatteredSettings):
     def one(sm: StudyModel, x, y, keys: dict) -> dict[str, pd.DataFrame]:
         keys = {**keys, "family": sm.family, "site": "network"}
         tables: dict[str, pd.DataFrame] = {}
-        fresh = [sm] if not is_trained(sm) else [f for f in [fresh_model(sm, x, s.batch_size)] if f is not None]
+        if is_trained(sm):
+            fresh = [f for f in [fresh_model(sm, x, s.batch_size)] if f is not None]
+        else:   # given with random weights: measured as it is, its BN statistics set from the images on a copy
+            fresh = [replace(sm, model=calibrate_batchnorm(copy.deepcopy(sm.model), x, s.batch_size))]
         if is_cifar(sm):
             fresh += [fresh_model(replace(sm, name=model_name(sm.family, d), depth=d, model=build_model(sm.family, d)),
                                   x, s.batch_size) for d in s.init_depths if (sm.family, d, sm.seed) not in done]
