@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from resnet_probe.batchnorm import calibrate_batchnorm  # noqa: F401  (the benchmarks' BN set-up)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -125,19 +127,6 @@ def evaluation_steps(model: torch.nn.Module, images: torch.Tensor, batch: int):
         with torch.no_grad():
             model(images[i:i + batch])
         yield
-
-
-def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch: int, batches: int = 8) -> None:
-    """Set every BatchNorm's running statistics to the average over ``batches`` batches of ``images``
-    (train-mode forwards, cumulative averaging), then put the model in eval mode: random weights then
-    give normalised activations and logits of a trained net's scale."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    evaluate_in_batches(model, images[:batches * batch], batch)
-    model.eval()
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench_train", "bench_probes", "bench_lesion")
+BENCHMARKS = ("bench_train", "bench_probes", "bench_lesion", "bench_landscape")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,15 @@ def response_table() -> pd.DataFrame:
     return df
 
 
+def surface_table() -> pd.DataFrame:
+    """Loss surfaces of two nets on a 5 x 5 grid (a bowl, and a bowl with a ripple)."""
+    axis = np.linspace(-1, 1, 5)
+    rows = [dict(run="r0", seed=0, model=model, site="network", metric="loss", alpha=a, beta=b,
+                 value=1 + a * a + b * b + (0.3 * np.sin(6 * a) if model == "plain-56" else 0.0))
+            for model in ("plain-56", "residual-56") for a in axis for b in axis]
+    return pd.DataFrame(rows)
+
+
 def make_full_run(out: Path, data: dict | None = None):
     """A run with one figure of every kind, finished."""
     run = new_run("demo", out=out, config={"depths": [20, 56], "lr": 0.1, "out": out},
@@ -68,6 +77,8 @@ def make_full_run(out: Path, data: dict | None = None):
                    section="Response std", caption="He et al. Fig. 7 layout")
     run.add_figure("seed_scatter", "scatter", "response", x="layer", y="value", hue="model", style="downsampling")
     run.add_figure("heat", "heatmap", "response", x="layer", y="model", query="seed == 1")
+    run.add_table("surface", surface_table())
+    run.add_figure("surfaces", "contour", "surface", x="alpha", y="beta", col="model", logz=True, marker=[0, 0])
     run.add_text("Response std", "Residual branches respond *less* than plain layers.")
     run.add_headline(pd.DataFrame({"model": ["plain-56", "residual-56"], "test error": ["13.0 %", "8.1 %"]}),
                      title="Final error")

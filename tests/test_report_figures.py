@@ -159,6 +159,39 @@ def test_a_long_legend_sits_outside_the_data_and_does_not_squeeze_it():
     assert widths[1] == pytest.approx(widths[0], rel=0.03)
 
 
+def surface_table(models: dict[str, float], points: int = 5) -> pd.DataFrame:
+    """A bowl ``offset + a^2 + b^2`` on a ``points`` x ``points`` grid per model (a loss surface's shape)."""
+    axis = np.linspace(-1, 1, points)
+    return pd.DataFrame([dict(model=name, metric="loss", seed=0, site="network", alpha=a, beta=b,
+                              value=offset + a * a + b * b) for name, offset in models.items() for a in axis
+                         for b in axis])
+
+
+def test_contour_panels_share_one_colour_scale_and_name_their_family_in_its_colour():
+    df = surface_table({"plain-20": 1.0, "residual-20": 5.0})
+    fig = drawn(df, "contour", x="alpha", y="beta", col="model", logz=True, marker=[0, 0])
+    axes = data_axes(fig)
+    assert len(axes) == 2 and sum(ax.get_label() == "<colorbar>" for ax in fig.axes) == 1
+    levels = [tuple(c.levels) for ax in axes for c in ax.collections if hasattr(c, "levels")]
+    assert len(set(levels)) == 1 and levels[0][0] == pytest.approx(1.0) and levels[0][-1] == pytest.approx(7.0)
+    assert np.allclose(np.diff(np.log(levels[0])), np.log(levels[0][1] / levels[0][0]))   # geometric with logz
+    assert {to_hex(ax.title.get_color()) for ax in axes} == {PLAIN, RESIDUAL}
+    assert all(any(list(line.get_xdata()) == [0] and list(line.get_ydata()) == [0] for line in ax.get_lines())
+               for ax in axes)
+
+
+def test_contour_cells_of_a_grid_the_data_does_not_fill_are_left_out():
+    df = surface_table({"plain-8": 1.0, "plain-20": 2.0, "residual-20": 3.0})
+    df["family"], df["depth"] = df["model"].str.split("-").str[0], df["model"].str.split("-").str[1].astype(int)
+    fig = drawn(df, "contour", x="alpha", y="beta", row="family", col="depth")
+    assert len(data_axes(fig)) == 3          # residual-8 is missing: its cell is hidden, not an empty frame
+
+
+def test_a_contour_marker_must_be_a_point():
+    with pytest.raises(ValueError, match=r"marker must be a point \[x, y\]"):
+        drawn(surface_table({"plain-8": 1.0}), "contour", x="alpha", y="beta", marker=0)
+
+
 def legibility_cases():
     names = [f"{f}-{d}" for f in ("plain", "highway", "residual") for d in (20, 56, 110)]
     nine = model_table({name: i for i, name in enumerate(names)}, layers=20)
@@ -172,9 +205,11 @@ def legibility_cases():
     yield "layer_profile", nine, dict(x="layer", hue="model", flag="downsampling")
     yield "line", nine, dict(x="layer", col="model", title="nine facets")
     yield "line", blocks, dict(x="step", hue="block_index", col="model", errorbar=None)
+    yield "contour", surface_table({"plain-20": 1.0, "residual-20": 2.0}), dict(x="alpha", y="beta", col="model",
+                                                                                title="Loss surfaces")
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_every_figure_fits_the_report_and_its_text_is_legible_at_1280_px(case):
     kind, df, spec = list(legibility_cases())[case]
     fig = drawn(df, kind, **spec)

@@ -31,7 +31,7 @@ Public API
 - ``rebuild(run_dir) -> Path`` / ``rebuild_main(argv=None)``: ``resnet-probe report RUN_DIR
   [--allow-incomplete]`` (an incomplete run, or a table whose row count differs from the recorded
   one, is refused)
-- figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile) and their spec keys
+- figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile, contour) and their spec keys
   ``SPEC_KEYS``: see ``resnet_probe/report/figures.py``
 - numbers: ``mean_ci``, ``format_ci``, ``format_mean_std``, ``summarise_over_seeds``
 - ``validate_tidy``, ``TIDY_RECOMMENDED``, ``RunFolderError``, ``FigureError``

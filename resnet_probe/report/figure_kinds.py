@@ -102,7 +102,7 @@ def aggregate(df: pd.DataFrame, keys: list[str], y: str, spec: dict) -> pd.DataF
 
 def spread_of(df: pd.DataFrame, kind: str, spec: dict) -> str | None:
     """The legend text for the bands / error bars a figure will draw, None when it draws none."""
-    if kind == "heatmap":
+    if kind in ("heatmap", "contour"):
         return None
     if kind == "scatter":
         return spread_label(spec) if spec.get("lo") and spec.get("hi") else None

@@ -12,6 +12,9 @@ Kinds (``FIGURE_KINDS``) and their spec keys (``y`` defaults to ``"value"``):
   colorbar_label, y_order``.
 - ``layer_profile``: ``x`` (layer), ``y``, ``hue`` (model), ``flag``: the values in the network's
   order and sorted by magnitude side by side (He et al. 2016, Fig. 7).
+- ``contour``: ``x``, ``y`` (numeric grid coordinates), ``value``, ``col``, ``row``, ``levels`` (a number or
+  a list), ``logz``, ``cmap, vmin, vmax, colorbar_label``, ``marker`` ([x, y], a black cross): filled
+  contours with level lines, the same levels in every panel, one colour bar (Li et al. 2018's surfaces).
 
 Keys shared by all kinds: ``query`` (a ``DataFrame.query`` string selecting rows), ``title, xlabel,
 ylabel, legend_title, logx, logy, hue_order, style_order, col_order, row_order, x_order, palette,
@@ -45,6 +48,8 @@ from matplotlib.figure import Figure
 
 from ..atomic import atomic_path
 from . import figure_kinds as fk
+from .family_colours import FAMILY_COLOURS
+from .figure_contour import contour_colorbar, contour_levels, draw_contour
 from .figure_layout import FONT_SCALE, plan
 from .figure_legend import hue_as_colorbar, hue_colorbar, legend_entries, place_legend
 from .figure_mapping import figure_mapping, panel_family
@@ -61,9 +66,12 @@ SPEC_KEYS: dict[str, set[str]] = {
     "heatmap": _COMMON | {"x", "y", "value", "col", "cmap", "annot", "fmt", "center", "vmin", "vmax",
                           "colorbar_label", "y_order"},
     "layer_profile": _COMMON | {"x", "y", "hue", "lo", "hi", "errorbar", "flag"},
+    "contour": _COMMON | {"x", "y", "value", "col", "row", "levels", "logz", "cmap", "vmin", "vmax", "colorbar_label",
+                          "marker"},
 }
 FIGURE_KINDS = tuple(SPEC_KEYS)
-_REQUIRED = {"heatmap": ("x", "y")}
+_REQUIRED = {"heatmap": ("x", "y"), "contour": ("x", "y")}
+_GRIDS = ("heatmap", "contour")   # kinds that colour a grid: a colour scale, no legend
 _COLUMN_KEYS = ("x", "y", "hue", "style", "col", "row", "lo", "hi", "flag", "value")
 _ERRORBARS = ("ci95", "sd", None)
 MAX_PANELS = 24
@@ -93,6 +101,9 @@ def validate_figure(kind: str, spec: dict[str, Any], columns: list[str]) -> dict
         raise ValueError("give both 'lo' and 'hi' columns or neither")
     if spec.get("errorbar", "ci95") not in _ERRORBARS:
         raise ValueError(f"errorbar must be one of {_ERRORBARS}, got {spec['errorbar']!r}")
+    marker = spec.get("marker")
+    if marker is not None and (not isinstance(marker, (list, tuple)) or len(marker) != 2):
+        raise ValueError(f"marker must be a point [x, y]; got {marker!r}")
     if kind == "layer_profile" and (spec.get("col") or spec.get("row")):
         raise ValueError("a 'layer_profile' figure has its own two panels; split it with 'query' instead of col/row")
     try:
@@ -182,9 +193,9 @@ def build_figure(df: pd.DataFrame, kind: str, spec: dict[str, Any], name: str = 
     m = figure_mapping(df, kind, spec, panel_families)
     dpi = int(spec.get("dpi", 120))
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=FONT_SCALE):
-        colorbar = kind != "heatmap" and hue_as_colorbar(spec, m)
+        colorbar = kind not in _GRIDS and hue_as_colorbar(spec, m)
         has_flag = bool(spec.get("flag")) and bool(df[spec["flag"]].astype(bool).any())
-        entries = None if kind == "heatmap" else legend_entries(kind, spec, m, has_flag)
+        entries = None if kind in _GRIDS else legend_entries(kind, spec, m, has_flag)
         if kind == "layer_profile":
             want, fixed = 2, True
         elif spec.get("row"):
@@ -192,7 +203,8 @@ def build_figure(df: pd.DataFrame, kind: str, spec: dict[str, Any], name: str = 
         else:
             want, fixed = int(spec.get("col_wrap", 4)), False
         layout = plan(2 if kind == "layer_profile" else len(panels), want, fixed, _natural_width(kind, spec, m),
-                      float(spec.get("height", 3.4)), dpi, entries, colorbar, bool(spec.get("title")))
+                      float(spec.get("height", 3.4)), dpi, entries, colorbar or kind == "contour",
+                      bool(spec.get("title")))
         fig = Figure(figsize=(layout.width, layout.height), dpi=dpi, layout="constrained")
         FigureCanvasAgg(fig)
         sharey = spec.get("sharey", kind != "heatmap")
@@ -210,22 +222,33 @@ def build_figure(df: pd.DataFrame, kind: str, spec: dict[str, Any], name: str = 
             vmin = spec.get("vmin", float(np.nanmin(df[z])) if kind == "heatmap" else None)
             vmax = spec.get("vmax", float(np.nanmax(df[z])) if kind == "heatmap" else None)
             draw = {"line": fk.draw_line, "bar": fk.draw_bar, "scatter": fk.draw_scatter}.get(kind)
+            levels = contour_levels(df[z], spec) if kind == "contour" else None
+            filled = None
             for i, (ax, (r, c), sub, family) in enumerate(zip(axes, panels, subsets, panel_families)):
                 left, bottom = i % ncols == 0, i >= len(panels) - ncols
+                if not len(sub) and kind == "contour":   # a grid of families x depths the run does not fill
+                    ax.set_visible(False)
+                    continue
                 if not len(sub):
                     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
                 elif kind == "heatmap":
                     fk.draw_heatmap(ax, sub, spec, m, vmin=vmin, vmax=vmax,
                                     colorbar=(i % ncols == ncols - 1) or i == len(panels) - 1)
+                elif kind == "contour":
+                    filled = draw_contour(ax, sub, spec, levels)
                 else:
                     draw(ax, sub, spec, m.panel(family))
                 _axis_labels(ax, kind, spec, df, left or kind == "heatmap", bottom)
                 _integer_ticks(ax, kind, spec, df, m)
                 facet = [f"{spec[k]} = {fk.tick_label(v)}" for k, v in (("row", r), ("col", c)) if spec.get(k)]
                 if facet:
-                    ax.set_title(" | ".join(facet), fontsize=TITLE_FONTSIZE)
+                    title = ax.set_title(" | ".join(facet), fontsize=TITLE_FONTSIZE)
+                    if kind == "contour" and family:  # no legend: a panel of one family names it in its colour
+                        title.set_color(FAMILY_COLOURS[family])
             for ax in axes[len(panels):]:
                 ax.set_visible(False)
+            if filled is not None:
+                contour_colorbar(fig, [ax for ax in axes if ax.get_visible()], filled, spec)
         if colorbar:
             hue_colorbar(fig, [ax for ax in axes if ax.get_visible()], spec, m)
         if entries is not None:

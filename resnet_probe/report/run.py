@@ -126,7 +126,7 @@ class Run:
 
         Args:
             name: file-safe figure name (``figures/<name>.png``); declaring it again replaces it.
-            kind: one of ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile).
+            kind: one of ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile, contour).
             table: name of a table already added.
             section: report section to place it in (default: a "Figures" section).
             caption: text under the figure (default: its title).

@@ -182,6 +182,8 @@ def resolve_inputs(cmd: StudyCommand, parser: ArgumentParser, cfg: Namespace) ->
         data = None
         if cmd.inputs != "zoo" or zoo is None:
             n_train = train.data_sizes[0] if zoo is None and train is not None else 1
+            if cmd.training_images and n_train is not None:
+                n_train = max(n_train, settings.n_examples)
             n_test = getattr(settings, "n_examples", None)
             if cmd.inputs == "data":
                 n_train, n_test = settings.data_sizes

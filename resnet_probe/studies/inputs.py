@@ -25,7 +25,7 @@ from ..models import anatomy, count_parameters
 from ..report import RunFolderError, open_run
 from .imagenet import ImageFolderData, imagefolder_path, load_imagefolder, load_study_model
 
-__all__ = ["FAMILY_ORDER", "StudyData", "StudyModel", "Zoo", "as_study_models", "check_labels", "family_rank",
+__all__ = ["FAMILY_ORDER", "StudyData", "StudyModel", "Zoo", "as_study_models", "check_labels", "family_rank", "model_order",
            "load_data", "load_model_source", "load_models", "model_name", "zoo_models"]
 
 FAMILY_ORDER = ("plain", "highway", "residual", "preact")
@@ -40,6 +40,13 @@ def model_name(family: str, depth: int) -> str:
 def family_rank(family: str) -> int:
     """Where a family sorts in tables and figures: plain, highway, residual, preact, then the others."""
     return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+
+
+def model_order(table: pd.DataFrame) -> list[str]:
+    """The models of a tidy table with ``family`` and ``depth`` columns, by family (``family_rank``) then depth."""
+    m = table[["model", "family", "depth"]].drop_duplicates("model")
+    m = m.assign(rank=m["family"].map(family_rank)).sort_values(["rank", "family", "depth"], kind="stable")
+    return list(m["model"])
 
 
 # ---- models -------------------------------------------------------------------------------------

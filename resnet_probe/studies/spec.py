@@ -23,6 +23,8 @@ class StudyCommand:
         train: the nets trained when no model is given, per scale (``None``: the study never trains).
         families: families a train_zoo folder contributes (``None``: all).
         threads: default CPU threads (``None``: torch's choice).
+        training_images: the study evaluates ``settings.n_examples`` images of the training split, so the
+            data must hold that many (a synthetic set is made large enough).
     """
 
     name: str
@@ -33,6 +35,7 @@ class StudyCommand:
     train: Callable[[str], Any] | None = None
     families: tuple[str, ...] | None = None
     threads: int | None = None
+    training_images: bool = False
 
     def preset(self, scale: str) -> Any:
         return getattr(self.settings, scale)()
