@@ -89,13 +89,14 @@ def normalised(grads: pd.DataFrame) -> pd.DataFrame:
     the norm (or the square root of the count) in its denominator.
     """
     keys = [c for c in grads.columns if c not in ("metric", "value")]
-    wide = grads.pivot_table(index=keys, columns="metric", values="value", dropna=False).reset_index()
+    wide = grads.pivot_table(index=keys, columns="metric", values="value").reset_index()
     parts = []
     for metric, (num, den, _) in DERIVED.items():
         if num not in wide or den not in wide:
             continue
         scale = np.sqrt(wide[den]) if den.endswith("count") else wide[den]
-        parts.append(wide[keys].assign(metric=metric, value=wide[num] / scale))
+        part = wide[keys].assign(metric=metric, value=wide[num] / scale)
+        parts.append(part[part["value"].notna()])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*keys, "metric", "value"])
 
 

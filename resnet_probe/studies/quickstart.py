@@ -177,6 +177,13 @@ def headline(run, settings: QuickstartSettings, zoo: Zoo, results: dict[str, Stu
                      "value": dele.value, "lo": dele.lo, "hi": dele.hi})
     df = pd.DataFrame(tidy).assign(run=run.path.name, seed=-1, site="network")
     run.add_table("effects", df)
+    run.add_figure("effects", "bar", "effects", section="The three effects", x="model", col="metric", lo="lo",
+                   hi="hi", sharey=False, xlabel="", ylabel="plain minus residual",
+                   title="Each effect as plain minus residual, with its 95 % interval (the paper predicts > 0)",
+                   caption="(1) gap_difference_pp: depth gap of the training error, plain minus residual (pp); "
+                           "(2) branch_std_difference: mean branch response std, plain minus residual; "
+                           "(3) deletion_difference_pp: mean error increase per deleted block, plain minus "
+                           "residual (pp).")
     run.add_headline(_scale_line(zoo), title="Scale of this run")
     run.add_headline(pd.DataFrame(rows), title="Three effects, measured on this run")
     return {"effects": df}
