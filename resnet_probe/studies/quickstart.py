@@ -145,6 +145,7 @@ def headline(run, settings: QuickstartSettings, zoo: Zoo, results: dict[str, Stu
     """The three effects (``effects``): a headline table, the tidy ``effects`` table and its figure."""
     deep = max(m.depth for m in zoo.of(("plain", "residual")))
     plain, residual = model_name("plain", deep), model_name("residual", deep)
+    pair = f"depth {deep}: {plain} minus {residual}"   # names no single family, so it takes no family colour
     n = settings.n_resamples
     deg, gaps = degradation_effect(zoo.tables["train_errors"], n)
     resp, values = response_effect(results["response_std"].tables["groups"], plain, residual, n)
@@ -162,9 +163,9 @@ def headline(run, settings: QuickstartSettings, zoo: Zoo, results: dict[str, Stu
                          f"residual {_mean(values.get('residual'))}",
              "plain minus residual [95 % CI]": cell(resp, digits=3, unit=""), "verdict": resp.verdict,
              "interval": resp.how}]
-    tidy = [{"effect": 1, "model": f"{plain} vs {residual}", "metric": "gap_difference_pp", "value": deg.value,
+    tidy = [{"effect": 1, "model": pair, "metric": "gap_difference_pp", "value": deg.value,
              "lo": deg.lo, "hi": deg.hi},
-            {"effect": 2, "model": f"{plain} vs {residual}", "metric": "branch_std_difference", "value": resp.value,
+            {"effect": 2, "model": pair, "metric": "branch_std_difference", "value": resp.value,
              "lo": resp.lo, "hi": resp.hi}]
     if dele is not None:
         single = lesion_tables["single_block"]
@@ -173,7 +174,7 @@ def headline(run, settings: QuickstartSettings, zoo: Zoo, results: dict[str, Stu
         rows.append({"effect": "(3) deleting a residual block hurts far less (Veit Fig. 3)",
                      "measured": f"mean error increase per deleted non-downsampling block: {measured}",
                      "plain minus residual [95 % CI]": cell(dele), "verdict": dele.verdict, "interval": dele.how})
-        tidy.append({"effect": 3, "model": f"{plain} vs {residual}", "metric": "deletion_difference_pp",
+        tidy.append({"effect": 3, "model": pair, "metric": "deletion_difference_pp",
                      "value": dele.value, "lo": dele.lo, "hi": dele.hi})
     df = pd.DataFrame(tidy).assign(run=run.path.name, seed=-1, site="network")
     run.add_table("effects", df)
