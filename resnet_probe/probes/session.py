@@ -22,6 +22,7 @@ from torch import nn
 
 from ..models import anatomy
 from ..models.compiled import compiled_module
+from ..models.wrappers import unwrap_parallel
 from .gradient import GradientProbe
 from .nonfinite import NonFiniteError, NonFiniteWatch
 from .response import ResponseProbe
@@ -41,13 +42,6 @@ def refuse_compiled(model: nn.Module) -> None:
             f"the model is compiled{where}: attach probes before torch.compile -- open the probe "
             "session on the original module, then compile it (or probe the uncompiled module, "
             "e.g. `compiled._orig_mod`)")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a (Distributed)DataParallel wrapper."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
 
 
 def _remove(handles: list) -> None:
@@ -70,7 +64,7 @@ class ProbeSession:
         bad = [m for m in metrics if m not in METRICS]
         if bad or not metrics:
             raise ValueError(f"unknown metrics {bad or list(metrics)}; valid metrics: {', '.join(METRICS)}")
-        model = _unwrap(model)
+        model = unwrap_parallel(model)
         refuse_compiled(model)
         self.model = model
         self.anatomy = anatomy(model, grouped=True)
