@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 
 import pandas as pd
@@ -515,6 +516,35 @@ def test_compiled_model_is_refused():
     with pytest.raises(RuntimeError, match="attach probes before torch.compile"):
         probe(model)
     assert _hooks(model) == 0
+
+
+def test_a_meta_model_is_refused_when_the_probe_attaches():
+    model = build_model("residual", 8).to("meta")
+    with pytest.raises(ValueError, match=r"the model is on the meta device .*model.to_empty\(device='cpu'\)"):
+        probe(model)
+    assert _hooks(model) == 0
+
+
+def test_a_std_undefined_at_one_value_per_channel_warns_once_and_says_why():
+    """A batch of one 4x4 image leaves stage 3 with 1x1 maps: one value per channel, no unbiased std."""
+    model = build_model("residual", 8).eval()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), probe(model, sites=["stage2.block1.out", "stage3.block1.*"]) as session:
+        model(x[:1])
+        with pytest.warns(RuntimeWarning, match=r"channel_std_mean is NaN at stage3\.block1\.branch\.conv1, "
+                                                r"stage3\.block1\.branch\.conv2, stage3\.block1\.branch and "
+                                                r"2 more: each channel there has held one value .*at least two"):
+            df = session.table()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert session.table().equals(df)  # said once
+        assert math.isnan(_value(df, "stage3.block1.out", "channel_std_mean"))
+        assert not math.isnan(_value(df, "stage3.block1.out", "std"))  # 64 values together
+        assert not math.isnan(_value(df, "stage2.block1.out", "channel_std_mean"))  # 2x2 maps
+        model(x[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert session.table()["value"].notna().all()  # two values per channel: defined
 
 
 # -- non-finite values -------------------------------------------------------------------------------

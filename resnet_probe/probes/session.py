@@ -44,6 +44,15 @@ def refuse_compiled(model: nn.Module) -> None:
             "e.g. `compiled._orig_mod`)")
 
 
+def refuse_meta(model: nn.Module) -> None:
+    """Raise if ``model`` holds ``meta`` tensors (shapes without values): nothing could be measured."""
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model is on the meta device (e.g. {meta!r} has a shape but no values), so "
+                         "there is nothing to measure: give it values first, e.g. "
+                         "model.to_empty(device='cpu') and then load_state_dict(...)")
+
+
 def _remove(handles: list) -> None:
     while handles:
         handles.pop().remove()
@@ -66,6 +75,7 @@ class ProbeSession:
             raise ValueError(f"unknown metrics {bad or list(metrics)}; valid metrics: {', '.join(METRICS)}")
         model = unwrap_parallel(model)
         refuse_compiled(model)
+        refuse_meta(model)
         self.model = model
         self.anatomy = anatomy(model, grouped=True)
         self.strict = strict
@@ -302,7 +312,8 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
         ``with`` statement does); a dropped session removes its hooks when garbage-collected.
 
     Raises:
-        ValueError: unknown metric, or a site pattern matching nothing (lists the valid sites).
+        ValueError: unknown metric, a site pattern matching nothing (lists the valid sites), or a
+            model on the ``meta`` device.
         RuntimeError: the model is compiled ("attach probes before torch.compile").
     """
     return ProbeSession(model, sites=sites, metrics=metrics, raw=raw, strict=strict)
