@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from resnet_probe.models import anatomy, build_model
-from resnet_probe.probes import ChannelStats, NonFiniteError, native, probe, site_names
+from resnet_probe.probes import SUMMARY_METRICS, ChannelStats, NonFiniteError, native, probe, site_names
 
 FAMILIES = ("plain", "residual", "highway", "preact")
 
@@ -69,6 +69,34 @@ def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, d
     torch.testing.assert_close(st.channel_std_mean, per_channel.std(dim=1).mean(), rtol=rtol, atol=0)
     torch.testing.assert_close(st.norm, ref.norm(), rtol=rtol, atol=0)
     assert st.count == ref.numel() // 5
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_every_summary_metric_follows_its_definition(parts, cpu_reduction):
+    """count, mean, std, channel_std_mean and rms of each block of channels, written out from the values."""
+    g = torch.Generator().manual_seed(9)
+    scale = torch.linspace(0.5, 3, 6).view(1, 6, 1, 1)
+    batches = [torch.randn(n, 6, 5, 4, generator=g) * scale + torch.arange(6.0).view(1, 6, 1, 1) - 2
+               for n in (4, 1, 7)]
+    st = ChannelStats()
+    for b in batches:
+        st.update(b)
+    values = torch.cat(batches).double()
+    summary = st.summary(parts).reshape(parts, -1)
+    for p, block in enumerate(values.chunk(parts, dim=1)):
+        per_channel = block.transpose(0, 1).reshape(block.shape[1], -1)
+        n = block.numel()
+        mean = block.sum() / n
+        expected = {"count": n, "mean": mean,
+                    "std": math.sqrt(((block - mean) ** 2).sum() / (n - 1)),
+                    "channel_std_mean": sum(math.sqrt(((c - c.mean()) ** 2).sum() / (c.numel() - 1))
+                                            for c in per_channel) / len(per_channel),
+                    "rms": math.sqrt((block ** 2).sum() / n)}
+        for metric, value in expected.items():
+            got = summary[p, SUMMARY_METRICS.index(metric)]
+            torch.testing.assert_close(got, torch.as_tensor(value, dtype=torch.float64), rtol=1e-6, atol=0,
+                                       msg=lambda m: f"{metric}, part {p}: {m}")
+        assert st.norms(parts)[p].item() == pytest.approx(math.sqrt((block ** 2).sum()), rel=1e-6)
 
 
 def test_probe_std_matches_torch_std_on_both_reduction_paths(cpu_reduction):
@@ -212,6 +240,8 @@ def test_torchvision_inplace_blocks_are_measured_before_their_inplace_ops(torchv
             assert _value(df, site, "channel_std_mean") == pytest.approx(
                 per_channel.std(dim=1).mean().item(), rel=1e-5), site
             assert _value(df, site, "mean") == pytest.approx(t.mean().item(), rel=1e-5, abs=1e-6), site
+            assert _value(df, site, "rms") == pytest.approx(t.square().mean().sqrt().item(), rel=1e-5), site
+            assert _value(df, site, "count") == t.numel()
         ratio = ref[bname]["branch"].double().norm() / ref[bname]["shortcut"].double().norm()
         assert _value(df, bname, "norm_ratio", "ratio") == pytest.approx(ratio.item(), rel=1e-5)
     assert df.loc[df.site == "stage1.block1.branch.conv1", "path"].iloc[0] == "layer1.0.bn1"
