@@ -299,7 +299,8 @@ def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, to
 
 
 def test_activation_gradient_norm_of_a_large_float32_batch_matches_float64():
-    """A million float32 values per block output: a single float32 reduction would be ~1e-4 off."""
+    """A million float32 values per block output: the probe's norm is the float64 norm of the
+    gradient up to float32 rounding (its float32 pieces are short sums, added in float64)."""
     torch.manual_seed(5)
     model = build_model("residual", 8).train()
     outs = []
@@ -318,8 +319,9 @@ def test_activation_gradient_norm_of_a_large_float32_batch_matches_float64():
     df = session.table()
     for blk, g in zip(anatomy(model).blocks, [o.grad for o in outs]):
         assert g.numel() >= 2 ** 18
+        # float32 pieces, one per (example, channel), added in float64: float32 rounding, not ~1e-4
         assert _value(df, f"{blk.name}.out", "activation_grad_norm") == pytest.approx(
-            g.double().norm().item(), rel=1e-9)
+            g.double().norm().item(), rel=1e-6)
     model.zero_grad(set_to_none=True)
 
 

@@ -82,9 +82,14 @@ def test_zoo_checkpoint_reproduces_its_recorded_test_error(zoo):
         model, info = load_model(row.checkpoint)
         assert (info["hparams"]["family"], info["hparams"]["depth"]) == (row.family, row.depth)
         with torch.no_grad():
-            error = 100 * (model(x).argmax(1) != y).double().mean().item()
+            logits = model(x)
+        error = 100 * (logits.argmax(1) != y).double().mean().item()
         recorded = final[(final["model"] == row.model) & (final["metric"] == "test_error_percent")]["value"]
-        assert error == pytest.approx(float(recorded.iloc[0]), abs=1e-6)
+        # the study evaluated in its own test loop (its own batches: maybe other kernels and rounding);
+        # only an example whose top two logits are that close may be predicted otherwise here
+        top2 = logits.topk(2, dim=1).values
+        unclear = int(((top2[:, 0] - top2[:, 1]) < 1e-4).sum())
+        assert abs(error - float(recorded.iloc[0])) <= 100 * unclear / len(y) + 1e-6
 
 
 def test_zoo_records_curves_and_gradients_of_every_block(zoo):

@@ -12,9 +12,9 @@ A *variant* says, for every position ``j`` of the block sequence, which block ru
    or its lesioned output (``torch.where(deleted, lesioned, full)``, computing each only on the
    rows that need it).
 
-On CPU the per-example logits equal those of evaluating each variant on its own under the
-``lesion`` / ``reordered`` context managers bitwise (batches of two or more examples), which the
-``engine="loop"`` path does and the tests check.
+The per-example logits equal those of evaluating each variant on its own under the ``lesion`` /
+``reordered`` context managers (the ``engine="loop"`` path) up to float rounding: the batches have
+other sizes, and a convolution kernel may add its products in another order at another batch size.
 """
 from __future__ import annotations
 
