@@ -267,17 +267,18 @@ class ResponseProbe:
         return rows
 
     def _warn_undefined(self, seen: list[Site]) -> None:
-        """Warn, once per site, where an unbiased std is NaN because fewer than two values were seen
-        (per channel for ``channel_std_mean``, per site and model for ``std``)."""
+        """Warn, once per site, where an unbiased std is NaN because fewer than two values were seen:
+        per channel for ``channel_std_mean``; per site (and model) for ``std`` too when it has one
+        channel."""
         short = [s for s in seen if self.stats[s.name].count < 2 and s.name not in self._warned_undefined]
         if not short:
             return
         self._warned_undefined.update(s.name for s in short)
-        whole = [s.name for s in short if self.stats[s.name].count * self.stats[s.name].channels < 2 * self.num_models]
+        one_channel = any(self.stats[s.name].channels == self.num_models for s in short)
         names = ", ".join(s.name for s in short[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
-        metrics = "channel_std_mean and std are" if whole else "channel_std_mean is"
-        warnings.warn(f"{metrics} NaN at {names}: each channel there has held one value so far (a batch of "
-                      "1 on a 1x1 map), and an unbiased std needs at least two; record more examples",
+        metrics = "channel_std_mean and std are" if one_channel else "channel_std_mean is"
+        warnings.warn(f"{metrics} NaN at {names}: each channel there has held one value so far (a batch "
+                      "of 1 on a 1x1 map), and an unbiased std needs at least two; record more examples",
                       RuntimeWarning, stacklevel=4)
 
     def raw_values(self, site: str) -> torch.Tensor:
