@@ -1,11 +1,14 @@
 """The batched engine (prefix cache + per-sample gates) equals one context-manager pass per variant.
 
-On CPU these are bitwise equalities of the logits in float32: per-example outputs do not depend
-on how examples are batched together (for batches of two or more).
+The two run the same float32 operations on batches of different sizes (examples x variants), and
+a CPU's convolution kernels need not add a batch's products in the same order at every size
+(oneDNN promises no such thing): the logits agree to float32 rounding, and the predictions, hence
+the errors, agree exactly wherever the top two logits are further apart than that rounding.
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -32,6 +35,18 @@ def _data(n=7, size=8):
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+LOGITS = dict(rtol=1e-4, atol=1e-5)  # float32 logits of order 1-10, from up to ~20 layers
+
+
+def _assert_same_predictions(logits: torch.Tensor, reference: torch.Tensor) -> None:
+    """The same top-1 class for every example. The reference's top two logits are at least 1e-4
+    apart for each (checked: at least 5e-4 in these nets), far beyond float32 rounding (~1e-6), so
+    no CPU's rounding can reorder them."""
+    top2 = reference.topk(2, dim=-1).values
+    assert ((top2[..., 0] - top2[..., 1]) > 1e-4).all()
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
 def _deletion_sets(n: int) -> list[list[int]]:
     rng = np.random.default_rng(0)
     sets = [[], [0], [n - 1], list(range(n)), [1, n - 2]]
@@ -41,7 +56,7 @@ def _deletion_sets(n: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("family, mode", [(f, "zero_branch") for f in (*FAMILIES, "resnet18")]
                          + [("residual", "shortcut_only"), ("resnet18", "shortcut_only")])
-def test_batched_deletion_sets_equal_one_lesion_context_per_set_bitwise(family, mode):
+def test_batched_deletion_sets_equal_one_lesion_context_per_set(family, mode):
     model = _net(family)
     x, y = _data(size=16 if family == "resnet18" else 8)
     sets = _deletion_sets(len(anatomy(model).blocks))
@@ -49,12 +64,15 @@ def test_batched_deletion_sets_equal_one_lesion_context_per_set_bitwise(family, 
     kwargs = dict(mode=mode, batch_size=3, return_logits=True)
     batched = evaluate_deletion_sets(model, sets, x, y, max_batch=12, **kwargs)
     loop = evaluate_deletion_sets(model, sets, x, y, engine="loop", **kwargs)
-    assert torch.equal(batched.logits, loop.logits)
-    for name in ("error", "loss", "kl", "intact_error", "intact_loss"):
+    torch.testing.assert_close(batched.logits, loop.logits, **LOGITS)
+    _assert_same_predictions(batched.logits, loop.logits)
+    for name in ("loss", "kl", "intact_loss"):
+        np.testing.assert_allclose(getattr(batched, name), getattr(loop, name), rtol=1e-4, atol=1e-5)
+    for name in ("error", "intact_error"):  # the error of an example follows its prediction
         np.testing.assert_array_equal(getattr(batched, name), getattr(loop, name))
 
 
-def test_batched_orders_equal_one_reordered_context_per_order_bitwise():
+def test_batched_orders_equal_one_reordered_context_per_order():
     model = _net("residual", 20)
     anat = anatomy(model)
     x, y = _data()
@@ -62,7 +80,9 @@ def test_batched_orders_equal_one_reordered_context_per_order_bitwise():
     orders = [list(range(len(anat.blocks)))] + [random_swaps(anat, k, rng) for k in (1, 2, 3, 5, 8)]
     batched = evaluate_orders(model, orders, x, y, batch_size=4, max_batch=12, return_logits=True)
     loop = evaluate_orders(model, orders, x, y, batch_size=4, engine="loop", return_logits=True)
-    assert torch.equal(batched.logits, loop.logits)
+    torch.testing.assert_close(batched.logits, loop.logits, **LOGITS)
+    _assert_same_predictions(batched.logits, loop.logits)
+    np.testing.assert_array_equal(batched.error, loop.error)
 
 
 def test_single_block_sweep_with_prefix_reuse_equals_the_loop_of_contexts():
@@ -70,7 +90,13 @@ def test_single_block_sweep_with_prefix_reuse_equals_the_loop_of_contexts():
     x, y = _data(n=10)
     batched = single_block_sweep(model, x, y, batch_size=5, n_resamples=50, max_batch=15)
     loop = single_block_sweep(model, x, y, batch_size=5, n_resamples=50, engine="loop")
-    assert batched.equals(loop)
+    logits = evaluate_deletion_sets(model, [[i] for i in range(len(anatomy(model).blocks))], x, y,
+                                    engine="loop", return_logits=True).logits
+    _assert_same_predictions(logits, logits)  # clear predictions: the errors below agree exactly
+    errors = [f"error{s}" for s in ("", "_lo", "_hi")]
+    pd.testing.assert_frame_equal(batched[errors], loop[errors])
+    # the same bootstrap resamples of per-example losses that agree to float32 rounding
+    pd.testing.assert_frame_equal(batched.drop(columns=errors), loop.drop(columns=errors), rtol=1e-4, atol=1e-6)
     assert batched.attrs["intact_error"] == loop.attrs["intact_error"]
 
 

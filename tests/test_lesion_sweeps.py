@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from resnet_probe.lesion import bootstrap
 from resnet_probe.lesion import (all_subsets_sweep, evaluate_deletion_sets, gate_closing_sweep,
                                  k_random_sweep, kendall_tau, mean_ci, reorder_sweep,
                                  single_block_sweep)
@@ -128,3 +129,69 @@ def test_bootstrap_interval_is_scipys_and_is_seeded():
     assert (lo[0], hi[0]) == pytest.approx((direct.low, direct.high), rel=1e-12)
     with pytest.raises(ValueError, match="percentile, basic, BCa"):
         mean_ci(values, method="normal")
+
+
+def _error_rows(n=40):
+    """0/1 rows (a variant's per-example errors) with 1, 4, ..., 37 errors, and two constant rows among
+    them (all right, all wrong) that get no resampling."""
+    rng = np.random.default_rng(0)
+    ks = [1, 4, 7, 10, 13, 0, 16, 19, 22, 25, n, 28, 31, 34, 37]
+    values = np.zeros((len(ks), n))
+    for row, k in zip(values, ks):
+        row[:k] = 1
+        rng.shuffle(row)
+    return values, np.array(ks)
+
+
+@pytest.mark.parametrize("chunks", ["one call", "rows in chunks of 3", "resamples in batches"])
+@pytest.mark.parametrize("method", ["percentile", "basic"])
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.99])
+def test_bootstrap_intervals_of_error_rates_are_binomial_quantiles(monkeypatch, chunks, method, level):
+    """Resampling n examples of which k are errors gives a mean distributed as Binomial(n, k/n) / n, so
+    the percentile interval's ends are its (1 -/+ level) / 2 quantiles (the basic interval mirrors them
+    about the mean), to one step of 1/n with 2,000 resamples. Every row is checked, however the rows
+    and resamples are split between calls to scipy."""
+    values, ks = _error_rows()
+    n, resamples = values.shape[1], 2000
+    limit = {"one call": bootstrap._MAX_ELEMENTS, "rows in chunks of 3": 3 * n * resamples,
+             "resamples in batches": n * resamples // 4}[chunks]
+    monkeypatch.setattr(bootstrap, "_MAX_ELEMENTS", limit)
+    calls = []
+    real = bootstrap.stats.bootstrap
+
+    def counted(data, *args, **kwargs):
+        calls.append((len(data[0]), kwargs["batch"]))
+        return real(data, *args, **kwargs)
+    monkeypatch.setattr(bootstrap.stats, "bootstrap", counted)
+    mean, lo, hi = mean_ci(values, n_resamples=resamples, confidence_level=level, method=method, seed=1)
+    varied = (ks > 0) & (ks < n)
+    expected_calls = {"one call": [(varied.sum(), resamples)], "rows in chunks of 3": [(3, resamples)] * 4 + [(1, resamples)],
+                      "resamples in batches": [(1, resamples // 4)] * varied.sum()}[chunks]
+    assert calls == expected_calls
+    np.testing.assert_array_equal(mean, ks / n)
+    q_lo = stats.binom.ppf((1 - level) / 2, n, ks / n) / n
+    q_hi = stats.binom.ppf((1 + level) / 2, n, ks / n) / n
+    if method == "basic":
+        q_lo, q_hi = 2 * mean - q_hi, 2 * mean - q_lo
+    np.testing.assert_allclose(lo[varied], q_lo[varied], rtol=0, atol=1 / n + 1e-9)
+    np.testing.assert_allclose(hi[varied], q_hi[varied], rtol=0, atol=1 / n + 1e-9)
+    assert (hi[varied] - lo[varied] > 0).all()
+    np.testing.assert_array_equal(lo[~varied], mean[~varied])
+    np.testing.assert_array_equal(hi[~varied], mean[~varied])
+
+
+def test_a_sweeps_confidence_level_sets_its_intervals():
+    """The sweep's intervals are mean_ci's at the requested level, narrower at 0.5 than at 0.99."""
+    model = _net()
+    x, y = _data(40)
+    per_example = evaluate_deletion_sets(model, [[i] for i in range(6)], x, y)
+    widths = {}
+    for level in (0.5, 0.99):
+        df = single_block_sweep(model, x, y, n_resamples=400, confidence_level=level, seed=2)
+        assert df.attrs["confidence_level"] == level
+        for m in ("error", "loss", "kl"):
+            _, lo, hi = mean_ci(getattr(per_example, m), n_resamples=400, confidence_level=level, seed=2)
+            np.testing.assert_array_equal(df[f"{m}_lo"], lo)
+            np.testing.assert_array_equal(df[f"{m}_hi"], hi)
+        widths[level] = (df["loss_hi"] - df["loss_lo"]).to_numpy()
+    assert (widths[0.5] < 0.7 * widths[0.99]).all()

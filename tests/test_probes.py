@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 
 import pandas as pd
@@ -13,7 +14,7 @@ from torch import nn
 
 from resnet_probe.models import anatomy, build_model
 from resnet_probe.models.compiled import compiled_module
-from resnet_probe.probes import ChannelStats, NonFiniteError, native, probe, site_names
+from resnet_probe.probes import SUMMARY_METRICS, ChannelStats, NonFiniteError, native, probe, site_names
 
 FAMILIES = ("plain", "residual", "highway", "preact")
 
@@ -69,6 +70,34 @@ def test_streaming_std_equals_torch_std_over_the_concatenated_batches(batches, d
     torch.testing.assert_close(st.channel_std_mean, per_channel.std(dim=1).mean(), rtol=rtol, atol=0)
     torch.testing.assert_close(st.norm, ref.norm(), rtol=rtol, atol=0)
     assert st.count == ref.numel() // 5
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_every_summary_metric_follows_its_definition(parts, cpu_reduction):
+    """count, mean, std, channel_std_mean and rms of each block of channels, written out from the values."""
+    g = torch.Generator().manual_seed(9)
+    scale = torch.linspace(0.5, 3, 6).view(1, 6, 1, 1)
+    batches = [torch.randn(n, 6, 5, 4, generator=g) * scale + torch.arange(6.0).view(1, 6, 1, 1) - 2
+               for n in (4, 1, 7)]
+    st = ChannelStats()
+    for b in batches:
+        st.update(b)
+    values = torch.cat(batches).double()
+    summary = st.summary(parts).reshape(parts, -1)
+    for p, block in enumerate(values.chunk(parts, dim=1)):
+        per_channel = block.transpose(0, 1).reshape(block.shape[1], -1)
+        n = block.numel()
+        mean = block.sum() / n
+        expected = {"count": n, "mean": mean,
+                    "std": math.sqrt(((block - mean) ** 2).sum() / (n - 1)),
+                    "channel_std_mean": sum(math.sqrt(((c - c.mean()) ** 2).sum() / (c.numel() - 1))
+                                            for c in per_channel) / len(per_channel),
+                    "rms": math.sqrt((block ** 2).sum() / n)}
+        for metric, value in expected.items():
+            got = summary[p, SUMMARY_METRICS.index(metric)]
+            torch.testing.assert_close(got, torch.as_tensor(value, dtype=torch.float64), rtol=1e-6, atol=0,
+                                       msg=lambda m: f"{metric}, part {p}: {m}")
+        assert st.norms(parts)[p].item() == pytest.approx(math.sqrt((block ** 2).sum()), rel=1e-6)
 
 
 def test_probe_std_matches_torch_std_on_both_reduction_paths(cpu_reduction):
@@ -212,6 +241,8 @@ def test_torchvision_inplace_blocks_are_measured_before_their_inplace_ops(torchv
             assert _value(df, site, "channel_std_mean") == pytest.approx(
                 per_channel.std(dim=1).mean().item(), rel=1e-5), site
             assert _value(df, site, "mean") == pytest.approx(t.mean().item(), rel=1e-5, abs=1e-6), site
+            assert _value(df, site, "rms") == pytest.approx(t.square().mean().sqrt().item(), rel=1e-5), site
+            assert _value(df, site, "count") == t.numel()
         ratio = ref[bname]["branch"].double().norm() / ref[bname]["shortcut"].double().norm()
         assert _value(df, bname, "norm_ratio", "ratio") == pytest.approx(ratio.item(), rel=1e-5)
     assert df.loc[df.site == "stage1.block1.branch.conv1", "path"].iloc[0] == "layer1.0.bn1"
@@ -273,7 +304,8 @@ def test_gradient_norms_equal_direct_grad_and_autograd_of_block_outputs(name, to
 
 
 def test_activation_gradient_norm_of_a_large_float32_batch_matches_float64():
-    """A million float32 values per block output: a single float32 reduction would be ~1e-4 off."""
+    """A million float32 values per block output: the probe's norm is the float64 norm of the
+    gradient up to float32 rounding (its float32 pieces are short sums, added in float64)."""
     torch.manual_seed(5)
     model = build_model("residual", 8).train()
     outs = []
@@ -292,8 +324,9 @@ def test_activation_gradient_norm_of_a_large_float32_batch_matches_float64():
     df = session.table()
     for blk, g in zip(anatomy(model).blocks, [o.grad for o in outs]):
         assert g.numel() >= 2 ** 18
+        # float32 pieces, one per (example, channel), added in float64: float32 rounding, not ~1e-4
         assert _value(df, f"{blk.name}.out", "activation_grad_norm") == pytest.approx(
-            g.double().norm().item(), rel=1e-9)
+            g.double().norm().item(), rel=1e-6)
     model.zero_grad(set_to_none=True)
 
 
@@ -546,6 +579,35 @@ def test_a_gradient_tap_keeps_its_sink_across_armings():
     norms = session.table().query("metric == 'activation_grad_norm'").pivot(index="site", columns="step",
                                                                              values="value")
     assert (norms[0] > 0).all() and (norms[1] == norms[0]).all() and (norms[2] == norms[0]).all()
+
+
+def test_a_meta_model_is_refused_when_the_probe_attaches():
+    model = build_model("residual", 8).to("meta")
+    with pytest.raises(ValueError, match=r"the model is on the meta device .*model.to_empty\(device='cpu'\)"):
+        probe(model)
+    assert _hooks(model) == 0
+
+
+def test_a_std_undefined_at_one_value_per_channel_warns_once_and_says_why():
+    """A batch of one 4x4 image leaves stage 3 with 1x1 maps: one value per channel, no unbiased std."""
+    model = build_model("residual", 8).eval()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), probe(model, sites=["stage2.block1.out", "stage3.block1.*"]) as session:
+        model(x[:1])
+        with pytest.warns(RuntimeWarning, match=r"channel_std_mean is NaN at stage3\.block1\.branch\.conv1, "
+                                                r"stage3\.block1\.branch\.conv2, stage3\.block1\.branch and "
+                                                r"2 more: each channel there has held one value .*at least two"):
+            df = session.table()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert session.table().equals(df)  # said once
+        assert math.isnan(_value(df, "stage3.block1.out", "channel_std_mean"))
+        assert not math.isnan(_value(df, "stage3.block1.out", "std"))  # 64 values together
+        assert not math.isnan(_value(df, "stage2.block1.out", "channel_std_mean"))  # 2x2 maps
+        model(x[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert session.table()["value"].notna().all()  # two values per channel: defined
 
 
 # -- non-finite values -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..models import anatomy
 from ..models.anatomy import Anatomy, check_lesion_mode
+from ..models.wrappers import analysed_network
 
 _NO_OVERRIDE = object()
 
@@ -53,7 +54,8 @@ def lesion(model: nn.Module, blocks: Iterable = (), mode: str = "zero_branch") -
     """Delete blocks of ``model`` inside a ``with`` statement.
 
     Args:
-        model: a model that ``resnet_probe.models.anatomy`` supports.
+        model: a model that ``resnet_probe.models.anatomy`` supports; a (Distributed)DataParallel
+            wrapper is looked through.
         blocks: block names (``stage2.block3``), module paths (``layer3.4``) or indices; empty
             deletes nothing (the model is then exactly itself).
         mode: ``zero_branch`` or ``shortcut_only`` (see ``BlockAnatomy.lesioned``).
@@ -63,9 +65,10 @@ def lesion(model: nn.Module, blocks: Iterable = (), mode: str = "zero_branch") -
 
     Raises:
         ValueError: an unknown block (naming the valid ones) or lesion mode.
+        RuntimeError: the model is a ``torch.compile`` wrapper (pass the module it compiled).
     """
     check_lesion_mode(mode)
-    anat = anatomy(model)
+    anat = anatomy(analysed_network(model, "lesions"))
     deleted = [anat.blocks[i] for i in anat.resolve(blocks)]
     replacements = {b.module: _lesioned_forward(b, mode) for b in deleted}
     with override_forwards(replacements):
@@ -106,14 +109,15 @@ def reordered(model: nn.Module, order: Sequence[int]) -> Iterator[list[int]]:
     """Run the blocks of ``model`` in another order inside a ``with`` statement (Veit et al. 2016).
 
     Args:
-        model: a model that ``resnet_probe.models.anatomy`` supports.
+        model: a model that ``resnet_probe.models.anatomy`` supports; a (Distributed)DataParallel
+            wrapper is looked through.
         order: ``order[j]`` is the index of the block that runs at position ``j``; only
             non-downsampling blocks may move, and only within their stage.
 
     Returns:
         A context manager yielding the validated order.
     """
-    anat = anatomy(model)
+    anat = anatomy(analysed_network(model, "reorderings"))
     order = check_order(anat, order)
     originals = [current_forward(b.module) for b in anat.blocks]
     replacements = {anat.blocks[pos].module: originals[i] for pos, i in enumerate(order) if pos != i}

@@ -12,9 +12,9 @@ A *variant* says, for every position ``j`` of the block sequence, which block ru
    or its lesioned output (``torch.where(deleted, lesioned, full)``, computing each only on the
    rows that need it).
 
-On CPU the per-example logits equal those of evaluating each variant on its own under the
-``lesion`` / ``reordered`` context managers bitwise (batches of two or more examples), which the
-``engine="loop"`` path does and the tests check.
+The per-example logits equal those of evaluating each variant on its own under the ``lesion`` /
+``reordered`` context managers (the ``engine="loop"`` path) up to float rounding: the batches have
+other sizes, and a convolution kernel may add its products in another order at another batch size.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import nn
 from ..models import anatomy
 from ..models.anatomy import Anatomy, check_lesion_mode
 from ..models.fold import fold_batchnorm
+from ..models.wrappers import analysed_network
 from .context import check_order, evaluation, lesion, reordered
 from .inputs import as_tensors, example_chunks
 
@@ -71,8 +72,8 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
     """Per-example error, loss and KL of the model with each set of blocks deleted.
 
     Args:
-        model: a model that ``resnet_probe.models.anatomy`` supports; evaluated in eval mode (its
-            previous mode is restored).
+        model: a model that ``resnet_probe.models.anatomy`` supports (a (Distributed)DataParallel
+            wrapper is looked through); evaluated in eval mode (its previous mode is restored).
         deletion_sets: sequence of block sets (names, module paths or indices); ``[]`` is intact.
         data: images ``(N, C, H, W)`` with labels ``y``, or a dataset / loader of ``(x, y)``.
         y: labels when ``data`` is a tensor.
@@ -91,6 +92,7 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
         ``SetMetrics`` with one row per deletion set, in the given order.
     """
     check_lesion_mode(mode)
+    model = analysed_network(model, "lesion sweeps")
     anat = anatomy(model)
     n = len(anat.blocks)
     sets = [anat.resolve(s) for s in deletion_sets]
@@ -115,6 +117,7 @@ def evaluate_orders(model: nn.Module, orders, data, y: torch.Tensor | None = Non
     Returns:
         ``SetMetrics`` with one row per order.
     """
+    model = analysed_network(model, "reordering sweeps")
     anat = anatomy(model)
     order = np.array([check_order(anat, o) for o in orders], dtype=np.int64).reshape(-1, len(anat.blocks))
     deleted = np.zeros(order.shape, dtype=bool)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..models import anatomy
 from ..models.anatomy import Anatomy
+from ..models.wrappers import analysed_network
 from .engine import evaluate_orders
 from .sweeps import joined_names
 from .table import metrics_table, sweep_options
@@ -58,7 +59,8 @@ def reorder_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k_swaps=(1
     """Error, loss and KL of the model with its blocks shuffled by ``k`` random within-stage swaps.
 
     Args:
-        model: a model that ``resnet_probe.models.anatomy`` supports.
+        model: a model that ``resnet_probe.models.anatomy`` supports; a (Distributed)DataParallel
+            wrapper is looked through.
         x: images ``(N, C, H, W)`` (with labels ``y``), or a dataset / loader of ``(x, y)``.
         y: labels when ``x`` is a tensor.
         k_swaps: numbers of swaps.
@@ -74,6 +76,7 @@ def reorder_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k_swaps=(1
         ``kendall_tau`` and the metric columns (see ``resnet_probe.lesion.sweeps``).
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
+    model = analysed_network(model, "reordering sweeps")
     anat = anatomy(model)
     bad = [k for k in k_swaps if not isinstance(k, (int, np.integer)) or k < 0]
     if bad:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..models import anatomy
+from ..models.wrappers import analysed_network
 from .engine import evaluate_deletion_sets
 from .table import metrics_table, sweep_options
 
@@ -52,7 +53,8 @@ def single_block_sweep(model: nn.Module, x, y: torch.Tensor | None = None, mode:
     """Delete each block on its own (Veit et al. 2016, Fig. 3).
 
     Args:
-        model: a model that ``resnet_probe.models.anatomy`` supports.
+        model: a model that ``resnet_probe.models.anatomy`` supports; a (Distributed)DataParallel
+            wrapper is looked through.
         x: images ``(N, C, H, W)`` (with labels ``y``), or a dataset / loader of ``(x, y)``.
         y: labels when ``x`` is a tensor.
         mode: ``zero_branch`` or ``shortcut_only``.
@@ -65,6 +67,7 @@ def single_block_sweep(model: nn.Module, x, y: torch.Tensor | None = None, mode:
         ``downsampling`` beside the metric columns.
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
+    model = analysed_network(model, "lesion sweeps")
     anat = anatomy(model)
     sets = [[i] for i in range(len(anat.blocks))]
     meta = [_block_meta(b) for b in anat.blocks]
@@ -82,6 +85,7 @@ def gate_closing_sweep(model: nn.Module, x, y: torch.Tensor | None = None, batch
     Raises:
         ValueError: the model has blocks without a gate (use ``single_block_sweep``).
     """
+    model = analysed_network(model, "lesion sweeps")
     anat = anatomy(model)
     ungated = [b.name for b in anat.blocks if b.gate_module is None]
     if ungated:
@@ -111,6 +115,7 @@ def k_random_sweep(model: nn.Module, x, y: torch.Tensor | None = None, ks=(1, 2,
         One row per set, with ``set`` numbering the sets of each ``k``.
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
+    model = analysed_network(model, "lesion sweeps")
     anat = anatomy(model)
     pool = np.arange(len(anat.blocks)) if blocks is None else np.asarray(anat.resolve(blocks))
     check_block_counts(ks, len(pool), "set sizes")
@@ -138,6 +143,7 @@ def all_subsets_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k: int
         One row per set, in lexicographic order of block indices.
     """
     opts = sweep_options(batch_size=batch_size, n_resamples=n_resamples, **options)
+    model = analysed_network(model, "lesion sweeps")
     n = len(anatomy(model).blocks)
     check_block_counts([k], n, "set sizes")
     if cap < 1:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..lesion.context import evaluation
+from ..models.wrappers import analysed_network
 from .record import PathRecord, record_paths
 
 
@@ -26,7 +27,8 @@ def path_gradient_stack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 
     Args:
         model: a residual, pre-activation or torchvision ResNet, evaluated in eval mode (its
-            previous mode is restored); use float64 for exact comparisons.
+            previous mode is restored); use float64 for exact comparisons. A (Distributed)DataParallel
+            wrapper is looked through.
         x: images ``(B, C, H, W)``.
         y: labels ``(B,)``.
 
@@ -37,6 +39,7 @@ def path_gradient_stack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     Raises:
         ValueError: the model has gated or shortcut-free blocks (see ``check_additive``).
     """
+    model = analysed_network(model, "path gradients")
     with evaluation(model):
         record = record_paths(model, x, y)
         return stack_from_record(record)

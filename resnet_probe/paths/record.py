@@ -21,6 +21,7 @@ from torch.func import vjp, vmap
 
 from ..models import anatomy
 from ..models.anatomy import Anatomy
+from ..models.wrappers import analysed_network
 
 Vjp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,12 +84,13 @@ def record_paths(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> PathReco
     The caller puts the model in eval mode (batch statistics would couple the examples).
 
     Args:
-        model: a residual / pre-activation / torchvision ResNet (see ``check_additive``).
+        model: a residual / pre-activation / torchvision ResNet (see ``check_additive``); a
+            (Distributed)DataParallel wrapper is looked through.
         x: images ``(B, C, H, W)``.
         y: labels ``(B,)``; the loss is the cross-entropy summed over the batch, so each example's
             gradient is that of its own loss.
     """
-    anat = anatomy(model)
+    anat = anatomy(analysed_network(model, "path gradients"))
     check_additive(anat)
     with torch.no_grad():  # function transforms still differentiate; no parameter graph is kept
         return _record(anat, x, y)

@@ -16,6 +16,7 @@ from torch import nn
 from ..lesion.context import evaluation
 from ..lesion.sweeps import check_block_counts, joined_names
 from ..models import anatomy
+from ..models.wrappers import analysed_network
 from .record import PathRecord, record_paths
 
 
@@ -23,7 +24,8 @@ def single_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, br
     """Gradient at the image of the single path through the branches of each given block set.
 
     Args:
-        model: a residual, pre-activation or torchvision ResNet (evaluated in eval mode).
+        model: a residual, pre-activation or torchvision ResNet (evaluated in eval mode); a
+            (Distributed)DataParallel wrapper is looked through.
         x: images ``(B, C, H, W)``.
         y: labels ``(B,)``.
         branch_sets: block sets (names, module paths or indices) whose branches the path uses.
@@ -31,6 +33,7 @@ def single_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, br
     Returns:
         ``(S, B, C, H, W)``, one gradient per set.
     """
+    model = analysed_network(model, "path gradients")
     anat = anatomy(model)
     use = np.zeros((len(branch_sets), len(anat.blocks)), dtype=bool)
     for row, s in zip(use, branch_sets):
@@ -65,7 +68,8 @@ def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k
     examples of ``x``.
 
     Args:
-        model: a residual, pre-activation or torchvision ResNet (evaluated in eval mode).
+        model: a residual, pre-activation or torchvision ResNet (evaluated in eval mode); a
+            (Distributed)DataParallel wrapper is looked through.
         x: images ``(B, C, H, W)``.
         y: labels ``(B,)``.
         ks: path lengths, each in ``0..n_blocks``.
@@ -77,6 +81,7 @@ def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k
         One row per sampled path: ``path_length``, ``sample``, ``branches`` (block names joined by
         ``+``) and ``magnitude``.
     """
+    model = analysed_network(model, "path gradients")
     anat = anatomy(model)
     n = len(anat.blocks)
     check_block_counts(ks, n, "path lengths")

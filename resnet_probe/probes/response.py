@@ -25,6 +25,7 @@ reported per model from that model's channel block, in rows that carry ``model_i
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import defaultdict
 
@@ -65,6 +66,7 @@ class ResponseProbe:
         self._centred: dict[str, bool] = {}  # per site group, decided by its first batch
         self._undecided: dict[str, tuple[int, torch.Tensor]] = {}  # first-batch moments awaiting that
         self._unchecked: set[str] = set()  # site groups recorded since the last finiteness check
+        self._warned_undefined: set[str] = set()  # sites already named in an undefined-statistic warning
 
     # -- hook plan ----------------------------------------------------------------------------
     def hooks(self) -> list[tuple[nn.Module, str, object]]:
@@ -216,6 +218,7 @@ class ResponseProbe:
         self._centred.clear()
         self._undecided.clear()
         self._unchecked.clear()
+        self._warned_undefined.clear()
 
     def reducible(self) -> tuple[list[ChannelStats], list[torch.Tensor]]:
         """The accumulators ``all_reduce`` sums: statistics and gate saturation counts."""
@@ -231,6 +234,7 @@ class ResponseProbe:
         """Tidy rows ``(site, kind, metric, value, ...)`` for every site with data (one host sync); with
         several models side by side, one row per model, labelled ``model_index``."""
         seen = [s for s in self.sites if self.stats[s.name].count > 0]
+        self._warn_undefined(seen)
         blocks = {}
         for s in seen:
             blocks.setdefault(s.block.name, {})[s.kind] = s
@@ -261,6 +265,21 @@ class ResponseProbe:
                     row = _row(site, s, kind, metric, next(it), path=path)
                     rows.append({**row, "model_index": model} if S > 1 else row)
         return rows
+
+    def _warn_undefined(self, seen: list[Site]) -> None:
+        """Warn, once per site, where an unbiased std is NaN because fewer than two values were seen:
+        per channel for ``channel_std_mean``; per site (and model) for ``std`` too when it has one
+        channel."""
+        short = [s for s in seen if self.stats[s.name].count < 2 and s.name not in self._warned_undefined]
+        if not short:
+            return
+        self._warned_undefined.update(s.name for s in short)
+        one_channel = any(self.stats[s.name].channels == self.num_models for s in short)
+        names = ", ".join(s.name for s in short[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
+        metrics = "channel_std_mean and std are" if one_channel else "channel_std_mean is"
+        warnings.warn(f"{metrics} NaN at {names}: each channel there has held one value so far (a batch "
+                      "of 1 on a 1x1 map), and an unbiased std needs at least two; record more examples",
+                      RuntimeWarning, stacklevel=4)
 
     def raw_values(self, site: str) -> torch.Tensor:
         """Every captured value of ``site`` concatenated along the batch (needs ``raw=True``)."""

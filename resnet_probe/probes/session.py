@@ -32,6 +32,7 @@ from torch import nn
 
 from ..models import anatomy
 from ..models.compiled import compiled_module
+from ..models.wrappers import analysed_network
 from .gradient import GradientProbe
 from .nonfinite import NonFiniteError, NonFiniteWatch
 from .response import ResponseProbe
@@ -56,13 +57,13 @@ def refuse_compiled(model: nn.Module) -> None:
             "model before compiling its parts, or its folded copy (evaluation_model(model, 'folded'))")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a (Distributed)DataParallel or ``torch.compile`` wrapper."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return _unwrap(model.module)
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        return _unwrap(model._orig_mod)
-    return model
+def refuse_meta(model: nn.Module) -> None:
+    """Raise if ``model`` holds ``meta`` tensors (shapes without values): nothing could be measured."""
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model is on the meta device (e.g. {meta!r} has a shape but no values), so "
+                         "there is nothing to measure: give it values first, e.g. "
+                         "model.to_empty(device='cpu') and then load_state_dict(...)")
 
 
 class _Canary:
@@ -117,8 +118,9 @@ class ProbeSession:
         bad = [m for m in metrics if m not in METRICS]
         if bad or not metrics:
             raise ValueError(f"unknown metrics {bad or list(metrics)}; valid metrics: {', '.join(METRICS)}")
-        model = _unwrap(model)
+        model = analysed_network(model, "probes")
         refuse_compiled(model)
+        refuse_meta(model)
         self.model = model
         self._canary = _Canary(type(model).__name__)
         self.anatomy = anatomy(model, grouped=True)
@@ -362,7 +364,8 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
         ``with`` statement does); a dropped session removes its hooks when garbage-collected.
 
     Raises:
-        ValueError: unknown metric, or a site pattern matching nothing (lists the valid sites).
+        ValueError: unknown metric, a site pattern matching nothing (lists the valid sites), or a
+            model on the ``meta`` device.
         RuntimeError: a part of the model below its root runs compiled code (``refuse_compiled``).
     """
     return ProbeSession(model, sites=sites, metrics=metrics, raw=raw, strict=strict)
