@@ -54,6 +54,7 @@ from resnet_probe.data import CIFAR_MEAN, CIFAR_STD, CifarDataModule, DataSource
 from resnet_probe.models import build_model
 from resnet_probe.probes.callback import ProbeCallback
 from resnet_probe.train.base import COMPILE_MODES
+from resnet_probe.train.fit import make_trainer
 from resnet_probe.train.grouped import GroupedClassifier, per_model_train_batches
 from resnet_probe.train.module import CifarClassifier
 
@@ -157,9 +158,8 @@ def lightning_fit(source: DataSource, family: str, depth: int, batch: int, model
     folder = tempfile.TemporaryDirectory(prefix="bench_train_probes_") if probes else nullcontext()
     with folder as tables:  # the probes' CSV tables, only in the probes row
         callbacks = [clock] + ([ProbeCallback(every_n_steps=window, out_dir=tables)] if probes else [])
-        trainer = pl.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed" if cuda else "32-true",
-                             max_steps=total, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        trainer = make_trainer(device.type, max_steps=total, limit_val_batches=0, progress=False,
+                               callbacks=callbacks)   # the project's Trainer, as studies and the CLI use it
         if train is None:
             trainer.fit(module, datamodule=dm)
         else:

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from resnet_probe.checkpoints import load_model
 from resnet_probe.data import CifarDataModule, make_synthetic, write_pack
 from resnet_probe.train import CifarClassifier, PaperSchedule, build_optimization, train_quick
-from resnet_probe.train.quick import quiet_lightning
+from resnet_probe.train.fit import quiet_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
 

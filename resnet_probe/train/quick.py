@@ -3,50 +3,21 @@
 Used by the studies' quick scale and by the test suite. It trains on a seeded subset of the
 training split with the ``fast`` (one-cycle) recipe, validates each epoch on a held-out part of
 the training set, and returns the trained module with its final metrics. No progress bar, no
-logger and no checkpoints unless ``out_dir`` is given. On a CPU a run is deterministic for a seed.
-
-Measured (2 idle CPU cores, 2 torch threads, JPEG pack, defaults: batch 32, peak lr 0.05):
-residual-20 on 5,000 images for 3 epochs reaches 48.3 % validation accuracy (1,000 held-out
-images) in 47 s; 49.5-51.0 % for other seeds / one thread. Batch 128 at lr 0.2 gets ~43 %.
+logger and no checkpoints unless ``out_dir`` is given; the Trainer is ``train.fit``'s, like every
+other. On a CPU a run is deterministic for a seed.
 """
 from __future__ import annotations
 
-import logging
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-import pytorch_lightning as pl
-import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
+from typing import Any
 
 from ..data import CifarDataModule
+from .fit import fit
 from .module import CifarClassifier
 
 QUICK_BATCH_SIZE = 32       # images a step: a few short epochs learn more from more, smaller steps
 QUICK_LR_PER_IMAGE = 0.2 / 128  # one-cycle peak lr per image of batch (linear scaling): 0.05 at 32
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-run banners (GPU available, tips, summaries) and its sizing hints."""
-    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=PossibleUserWarning)
-            warnings.filterwarnings("ignore", message=".*but have no logger configured.*")
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarDataModule = "auto",
@@ -92,19 +63,10 @@ def train_quick(family: str = "residual", depth: int = 20, *, data: str | CifarD
         lr = QUICK_LR_PER_IMAGE * dm.hparams.batch_size
     model = CifarClassifier(family, depth, option=option, width=width, gate_bias=gate_bias, recipe=recipe,
                             lr=lr, epochs=epochs, seed=seed, **module_kwargs)
-    cuda = torch.cuda.is_available()
-    out = Path(out_dir) if out_dir is not None else None
-    callbacks = [] if out is None else [ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)]
-    with quiet_lightning():
-        trainer = pl.Trainer(
-            accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true",
-            max_epochs=epochs, logger=False if out is None else CSVLogger(out, name="", version=""),
-            callbacks=callbacks, enable_checkpointing=out is not None, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0,
-            log_every_n_steps=model.hparams.log_every_n_steps)
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer = fit(model, dm, out_dir=out_dir, checkpoints=out_dir is not None, progress=False, max_epochs=epochs,
+                  max_steps=-1, log_every_n_steps=model.hparams.log_every_n_steps)
+    seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()
                                if k in ("train_loss", "train_error", "val_loss", "val_error")}
     if "val_error" in metrics:
