@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 from .models import CifarNet
-from .models.grouped import CONFIG_KEYS
+from .models.cifar import CONFIG_KEYS
 
 # block type and blocks per stage: a cheap first filter before comparing every shape
 _LAYOUTS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),

@@ -11,7 +11,7 @@ from scipy import stats
 
 from resnet_probe.lesion import bootstrap
 from resnet_probe.lesion import (all_subsets_sweep, evaluate_deletion_sets, gate_closing_sweep,
-                                 k_random_sweep, kendall_tau, mean_ci, reorder_sweep,
+                                 k_random_sweep, kendall_tau, bootstrap_mean_ci, reorder_sweep,
                                  single_block_sweep)
 from resnet_probe.models import anatomy, build_model
 
@@ -119,8 +119,8 @@ def test_sweeps_restore_the_training_mode_and_reject_unknown_options():
 def test_bootstrap_interval_is_scipys_and_is_seeded():
     values = np.random.default_rng(0).random((3, 50))
     values[1] = 0.25  # constant: a degenerate interval
-    mean, lo, hi = mean_ci(values, n_resamples=99, seed=3)
-    again = mean_ci(values, n_resamples=99, seed=3)
+    mean, lo, hi = bootstrap_mean_ci(values, n_resamples=99, seed=3)
+    again = bootstrap_mean_ci(values, n_resamples=99, seed=3)
     for a, b in zip((mean, lo, hi), again):
         np.testing.assert_array_equal(a, b)
     assert lo[1] == hi[1] == mean[1] == 0.25
@@ -128,7 +128,7 @@ def test_bootstrap_interval_is_scipys_and_is_seeded():
                              rng=np.random.default_rng(3)).confidence_interval
     assert (lo[0], hi[0]) == pytest.approx((direct.low, direct.high), rel=1e-12)
     with pytest.raises(ValueError, match="percentile, basic, BCa"):
-        mean_ci(values, method="normal")
+        bootstrap_mean_ci(values, method="normal")
 
 
 def _error_rows(n=40):
@@ -163,7 +163,7 @@ def test_bootstrap_intervals_of_error_rates_are_binomial_quantiles(monkeypatch, 
         calls.append((len(data[0]), kwargs["batch"]))
         return real(data, *args, **kwargs)
     monkeypatch.setattr(bootstrap.stats, "bootstrap", counted)
-    mean, lo, hi = mean_ci(values, n_resamples=resamples, confidence_level=level, method=method, seed=1)
+    mean, lo, hi = bootstrap_mean_ci(values, n_resamples=resamples, confidence_level=level, method=method, seed=1)
     varied = (ks > 0) & (ks < n)
     expected_calls = {"one call": [(varied.sum(), resamples)], "rows in chunks of 3": [(3, resamples)] * 4 + [(1, resamples)],
                       "resamples in batches": [(1, resamples // 4)] * varied.sum()}[chunks]
@@ -181,7 +181,7 @@ def test_bootstrap_intervals_of_error_rates_are_binomial_quantiles(monkeypatch, 
 
 
 def test_a_sweeps_confidence_level_sets_its_intervals():
-    """The sweep's intervals are mean_ci's at the requested level, narrower at 0.5 than at 0.99."""
+    """The sweep's intervals are bootstrap_mean_ci's at the requested level, narrower at 0.5 than at 0.99."""
     model = _net()
     x, y = _data(40)
     per_example = evaluate_deletion_sets(model, [[i] for i in range(6)], x, y)
@@ -190,7 +190,7 @@ def test_a_sweeps_confidence_level_sets_its_intervals():
         df = single_block_sweep(model, x, y, n_resamples=400, confidence_level=level, seed=2)
         assert df.attrs["confidence_level"] == level
         for m in ("error", "loss", "kl"):
-            _, lo, hi = mean_ci(getattr(per_example, m), n_resamples=400, confidence_level=level, seed=2)
+            _, lo, hi = bootstrap_mean_ci(getattr(per_example, m), n_resamples=400, confidence_level=level, seed=2)
             np.testing.assert_array_equal(df[f"{m}_lo"], lo)
             np.testing.assert_array_equal(df[f"{m}_hi"], hi)
         widths[level] = (df["loss_hi"] - df["loss_lo"]).to_numpy()

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from resnet_probe.atomic import atomic_path, atomic_write_bytes, atomic_write_csv, atomic_write_text
-from resnet_probe.report import format_ci, format_mean_std, mean_ci, summarise_over_seeds
+from resnet_probe.report import format_ci, format_mean_std, summarise_over_seeds, t_mean_ci
 from resnet_probe.report.figure_kinds import aggregate
 
 
@@ -52,7 +52,7 @@ def test_numbers_are_written_with_their_uncertainty():
     assert format_ci(3.0, math.nan, math.nan, unit="ms") == "3.0 ms"
     assert format_mean_std([0.10, 0.12, 0.14], percent=True) == "12.0 ± 2.0 % (n=3)"
     assert format_mean_std([2.0], digits=2) == "2.00 (n=1)"
-    m, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    m, lo, hi = t_mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and hi - m == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
 
 

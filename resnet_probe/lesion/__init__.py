@@ -4,7 +4,7 @@
 model; the sweeps evaluate many deletion sets (or block orders) in batched forward passes that
 reuse the intact prefix activations, and return tidy tables with bootstrap intervals.
 """
-from .bootstrap import BOOTSTRAP_METHODS, mean_ci
+from .bootstrap import BOOTSTRAP_METHODS, bootstrap_mean_ci
 from .context import check_order, evaluation, lesion, reordered
 from .engine import ENGINES, SetMetrics, batched_logits, evaluate_deletion_sets, evaluate_orders
 from .inputs import as_tensors, example_chunks
@@ -16,5 +16,5 @@ __all__ = [
     "BOOTSTRAP_METHODS", "ENGINES", "METRICS", "SetMetrics", "SweepOptions", "all_subsets_sweep",
     "as_tensors", "batched_logits", "check_order", "evaluate_deletion_sets", "evaluate_orders",
     "evaluation", "example_chunks", "gate_closing_sweep", "k_random_sweep", "kendall_tau", "lesion",
-    "mean_ci", "random_swaps", "reorder_sweep", "reordered", "single_block_sweep", "swappable_groups",
+    "bootstrap_mean_ci", "random_swaps", "reorder_sweep", "reordered", "single_block_sweep", "swappable_groups",
 ]

@@ -14,7 +14,7 @@ BOOTSTRAP_METHODS = ("percentile", "basic", "BCa")
 _MAX_ELEMENTS = 2 ** 25
 
 
-def mean_ci(values: np.ndarray, *, n_resamples: int = 200, confidence_level: float = 0.95,
+def bootstrap_mean_ci(values: np.ndarray, *, n_resamples: int = 200, confidence_level: float = 0.95,
             method: str = "percentile", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean over examples of each row and its bootstrap confidence interval.
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 
 import pandas as pd
 
-from .bootstrap import mean_ci
+from .bootstrap import bootstrap_mean_ci
 from .engine import SetMetrics
 
 METRICS = ("error", "loss", "kl")
@@ -44,7 +44,7 @@ def metrics_table(meta: list[dict], metrics: SetMetrics, options: SweepOptions, 
     """
     df = pd.DataFrame(meta)
     for name in METRICS:
-        mean, lo, hi = mean_ci(getattr(metrics, name), n_resamples=options.n_resamples,
+        mean, lo, hi = bootstrap_mean_ci(getattr(metrics, name), n_resamples=options.n_resamples,
                                confidence_level=options.confidence_level, method=options.ci_method,
                                seed=seed)
         df[name], df[f"{name}_lo"], df[f"{name}_hi"] = mean, lo, hi

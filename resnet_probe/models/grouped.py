@@ -22,25 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cifar import CifarNet, build_model
+from .cifar import CifarNet, model_config, seeded_model
 from .grouped_blocks import group_layers
-
-CONFIG_KEYS = ("family", "depth", "option", "width", "gate_bias", "num_classes")
-
-
-def seeded_model(seed: int, **config) -> CifarNet:
-    """``torch.manual_seed(seed); build_model(**config)``, leaving the caller's CPU RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(**config)
-
-
-def model_config(model: CifarNet) -> dict:
-    """The constructor arguments that rebuild ``model``'s architecture (``CONFIG_KEYS``)."""
-    if not isinstance(model, CifarNet):
-        raise TypeError(f"expected a resnet_probe CifarNet; got {type(model).__name__}")
-    return {k: model.head.fc.out_features if k == "num_classes" else getattr(model, k) for k in CONFIG_KEYS}
-
 
 class GroupedCifarNet(nn.Module):
     """S CIFAR nets of the same architecture, each initialised from its own seed, as one network.

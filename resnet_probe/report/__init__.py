@@ -33,7 +33,7 @@ Public API
   one, is refused)
 - figure kinds ``FIGURE_KINDS`` (line, bar, scatter, heatmap, layer_profile, contour) and their spec keys
   ``SPEC_KEYS``: see ``resnet_probe/report/figures.py``
-- numbers: ``mean_ci``, ``format_ci``, ``format_mean_std``, ``summarise_over_seeds``
+- numbers: ``t_mean_ci``, ``format_ci``, ``format_mean_std``, ``summarise_over_seeds``
 - ``validate_tidy``, ``TIDY_RECOMMENDED``, ``RunFolderError``, ``FigureError``
 - ``screenshot(html, png)`` in ``resnet_probe.report.screenshot`` (headless Chromium)
 """
@@ -45,8 +45,8 @@ from .rebuild import FigureError, rebuild, rebuild_main
 from .interrupt import RunTerminated
 from .run import Run, new_run, open_run
 from .tables import TIDY_RECOMMENDED, TIDY_REQUIRED, validate_tidy
-from .uncertainty import format_ci, format_mean_std, mean_ci, summarise_over_seeds
+from .uncertainty import format_ci, format_mean_std, summarise_over_seeds, t_mean_ci
 
 __all__ = ["FIGURE_KINDS", "FigureError", "Run", "RunFolderError", "RunTerminated", "SPEC_KEYS", "STATES",
-           "TIDY_RECOMMENDED", "TIDY_REQUIRED", "combine_runs", "find_run", "format_ci", "format_mean_std", "mean_ci",
+           "TIDY_RECOMMENDED", "TIDY_REQUIRED", "combine_runs", "find_run", "format_ci", "format_mean_std", "t_mean_ci",
            "new_run", "open_run",           "rebuild", "rebuild_main", "summarise_over_seeds", "validate_tidy"]

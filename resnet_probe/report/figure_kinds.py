@@ -5,7 +5,7 @@ one panel of one kind given the panel's rows, the figure spec and the colour / d
 by all panels, so the same level has the same colour everywhere in a figure.
 
 Repeated rows for one point (seeds) are averaged and, unless ``errorbar`` is ``None``, drawn with
-their spread: ``"ci95"`` the Student-t 95 % interval of the mean (``uncertainty.mean_ci``), ``"sd"``
+their spread: ``"ci95"`` the Student-t 95 % interval of the mean (``uncertainty.t_mean_ci``), ``"sd"``
 the mean ± sample std. Explicit ``lo`` / ``hi`` columns take precedence.
 """
 from __future__ import annotations

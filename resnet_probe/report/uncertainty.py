@@ -14,10 +14,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["mean_ci", "format_ci", "format_mean_std", "summarise_over_seeds"]
+__all__ = ["t_mean_ci", "format_ci", "format_mean_std", "summarise_over_seeds"]
 
 
-def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def t_mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean of ``values`` and its two-sided Student-t confidence interval.
 
     The interval is ``mean ± t_{(1+confidence)/2, n-1} * std / sqrt(n)`` with the sample std
@@ -103,7 +103,7 @@ def summarise_over_seeds(df: pd.DataFrame, by: str | Sequence[str], value: str =
     """One row per group of ``by`` with the mean, sample std, count and CI of ``value`` over its rows.
 
     Typically ``by=["model", "metric"]`` and the rows of a group are the seeds. The columns ``lo``
-    and ``hi`` bound the Student-t interval of the mean (``mean_ci``), so the result can be drawn
+    and ``hi`` bound the Student-t interval of the mean (``t_mean_ci``), so the result can be drawn
     directly as a figure with error bars.
 
     Args:
@@ -124,7 +124,7 @@ def summarise_over_seeds(df: pd.DataFrame, by: str | Sequence[str], value: str =
         key = key if isinstance(key, tuple) else (key,)
         x = pd.to_numeric(group[value], errors="raise").to_numpy(dtype=np.float64)
         x = x[np.isfinite(x)]
-        mean, lo, hi = mean_ci(x, confidence)
+        mean, lo, hi = t_mean_ci(x, confidence)
         std = float(x.std(ddof=1)) if x.size > 1 else math.nan
         rows.append((*key, mean, std, int(x.size), lo, hi))
     return pd.DataFrame(rows, columns=[*by, "mean", "std", "n", "lo", "hi"])

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from ..lesion import mean_ci as bootstrap_mean_ci
+from ..lesion import bootstrap_mean_ci
 from ..report import format_ci, format_mean_std
 from ..train.fit import resolve_device
 from .spec import StudyCommand

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..lesion import mean_ci as bootstrap_mean_ci
+from ..lesion import bootstrap_mean_ci
 from ..report import format_ci
-from ..report import mean_ci as t_mean_ci
+from ..report import t_mean_ci
 from .response_std import bootstrap_draws, summary_draws
 
 CONSISTENT, OPPOSITE, UNRESOLVED = "consistent with the paper", "opposite to the paper", "not resolved at this scale"

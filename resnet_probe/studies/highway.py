@@ -30,7 +30,7 @@ from ..lesion import gate_closing_sweep
 from ..models import anatomy
 from ..probes import probe
 from ..report import format_mean_std
-from ..report import mean_ci as t_mean_ci
+from ..report import t_mean_ci
 from .analysis import analysis_run
 from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo

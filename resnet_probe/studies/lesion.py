@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..attribution import block_attributions
 from ..lesion import evaluate_deletion_sets, k_random_sweep, reorder_sweep, swappable_groups
-from ..lesion import mean_ci as bootstrap_mean_ci
+from ..lesion import bootstrap_mean_ci
 from ..lesion.table import metrics_table, sweep_options
 from ..models import LESION_MODES, anatomy
 from ..models.compiled import evaluation_model

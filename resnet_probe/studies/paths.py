@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..lesion import mean_ci as bootstrap_mean_ci
+from ..lesion import bootstrap_mean_ci
 from ..paths import (check_additive, effective_paths, net_gradient_by_length, path_gradient_stack,
                      path_length_distribution, sampled_path_gradients, sampled_path_magnitudes)
 from ..models import anatomy

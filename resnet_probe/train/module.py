@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.grouped import seeded_model
+from ..models.cifar import seeded_model
 from .base import RecipeModule, check_training_args
 
 
