@@ -158,6 +158,23 @@ def test_fast_recipe_is_one_cycle():
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_highway_gate_biases_are_not_weight_decayed_unless_asked(decay):
+    """One SGD step with zero gradients: decayed parameters shrink by lr * wd, b_T stays unless asked."""
+    module = CifarClassifier("highway", 8, recipe="paper", lr=0.1, weight_decay=0.5, momentum=0.0,
+                             gate_bias_decay=decay)
+    optimizer = module.configure_optimizers()["optimizer"]
+    named = dict(module.model.named_parameters())
+    gate, conv = named["stage1.0.gate.conv.bias"], named["stage1.0.branch.conv1.weight"]
+    before = gate.detach().clone(), conv.detach().clone()
+    for p in module.model.parameters():
+        p.grad = torch.zeros_like(p)
+    lr = optimizer.param_groups[0]["lr"]   # the schedule's lr of the first step
+    optimizer.step()
+    assert lr > 0 and torch.allclose(conv, before[1] * (1 - lr * 0.5))
+    assert torch.allclose(gate, before[0] * (1 - lr * 0.5)) if decay else torch.equal(gate, before[0])
+
+
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid recipes: paper, fast"):
         CifarClassifier(recipe="adam")

@@ -256,7 +256,8 @@ def _gradients(out_dir: Path, family: str, depth: int) -> pd.DataFrame:
 
 def _module_options(s: ZooSettings, device: str) -> dict[str, Any]:
     return dict(recipe=s.recipe, lr=s.lr, epochs=s.epochs, max_steps=s.max_steps,
-                log_every_n_steps=s.log_every_n_steps, compile=s.compile and device == "cuda")
+                log_every_n_steps=s.log_every_n_steps, compile=s.compile and device == "cuda",
+                gate_bias_decay=s.gate_bias_decay)
 
 
 def fit_model(family: str, depth: int, seed: int, source, s: ZooSettings, out_dir: Path, device: str = "cpu",

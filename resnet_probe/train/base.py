@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..models.compiled import CompiledCall, warn_cpu_compile
-from .recipes import PaperSchedule, build_optimization, training_length
+from .recipes import PaperSchedule, build_optimization, parameter_groups, training_length
 
 STAGES = ("train", "val", "test")
 # torch.compile modes; "reduce-overhead" runs the compiled network through CUDA graphs
@@ -259,7 +259,7 @@ class RecipeModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         optimizer, scheduler = build_optimization(
-            self.model.parameters(), h.recipe, None, depth=h.depth, lr=h.lr, momentum=h.momentum,
-            weight_decay=h.weight_decay, nesterov=h.nesterov, warmup=h.warmup, warmup_lr=h.warmup_lr,
-            warmup_until_error=h.warmup_until_error)
+            parameter_groups(self.model, h.get("gate_bias_decay", False)), h.recipe, None, depth=h.depth,
+            lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay, nesterov=h.nesterov, warmup=h.warmup,
+            warmup_lr=h.warmup_lr, warmup_until_error=h.warmup_until_error)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

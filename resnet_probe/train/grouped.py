@@ -120,6 +120,7 @@ class GroupedClassifier(RecipeModule):
         compile_mode: its ``torch.compile`` mode: ``reduce-overhead`` (CUDA graphs; the default),
             ``default``, ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         log_every_n_steps: optimizer steps between host reads of the running training metrics.
+        gate_bias_decay: weight-decay the highway gate biases too (see ``recipes.parameter_groups``).
     """
 
     def __init__(self, family: str = "residual", depth: int = 20, option: str = "A", width: int = 1,
@@ -129,7 +130,7 @@ class GroupedClassifier(RecipeModule):
                  nesterov: bool | None = None, epochs: int | None = None, max_steps: int | None = None,
                  warmup: bool | None = None, warmup_lr: float = 0.01, warmup_until_error: float = 0.8,
                  compile: bool | None = None, compile_mode: str = "reduce-overhead",
-                 log_every_n_steps: int = 50):
+                 log_every_n_steps: int = 50, gate_bias_decay: bool = False):
         super().__init__()
         check_training_args(recipe, epochs, max_steps, log_every_n_steps, compile_mode)
         seeds = list(seeds)  # saved as a list (save_hyperparameters reads the local variables)

@@ -212,6 +212,18 @@ def paper_warmup(depth: int, warmup: bool | None) -> bool:
     return depth >= RECIPE_DEFAULTS["paper"]["warmup_depth"] if warmup is None else bool(warmup)
 
 
+def parameter_groups(model: torch.nn.Module, gate_bias_decay: bool = False) -> list[dict]:
+    """The optimizer's parameter groups: every parameter with the recipe's weight decay, except the
+    highway gate biases ``b_T`` (parameters named ``*gate.conv.bias``), which get none unless
+    ``gate_bias_decay``: decay would pull their carry-biased initial value (-1 to -3) towards zero
+    whatever the data says, and the highway study reports where training took them."""
+    gate = [p for name, p in model.named_parameters() if name.endswith("gate.conv.bias")]
+    if gate_bias_decay or not gate:
+        return [{"params": list(model.parameters())}]
+    ids = {id(p) for p in gate}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": gate, "weight_decay": 0.0}]
+
+
 def build_optimization(params, recipe: str, total_steps: int | None, *, depth: int = 20, lr: float | None = None,
                        momentum: float | None = None, weight_decay: float | None = None,
                        nesterov: bool | None = None, warmup: bool | None = None, warmup_lr: float = 0.01,
@@ -219,7 +231,7 @@ def build_optimization(params, recipe: str, total_steps: int | None, *, depth: i
     """The optimizer and per-iteration lr scheduler of a recipe.
 
     Args:
-        params: parameters to optimise.
+        params: parameters (or parameter groups, see ``parameter_groups``) to optimise.
         recipe: one of ``RECIPES``.
         total_steps: optimizer steps in the whole run (the schedule's length), or ``None`` to give
             it later with ``scheduler.set_total_steps``.
