@@ -195,7 +195,7 @@ def test_paper_presets_are_the_papers_recipe():
     assert all(s.depths[f] == (20, 32, 44, 56, 110) for f in s.families)
     from resnet_probe.studies import lesion, paths
     les = lesion.LesionSettings.paper()
-    assert (les.k_max, les.n_sets, les.n_examples, les.evaluation) == (20, 100, 10_000, "compiled")
+    assert (les.k_max, les.n_sets, les.n_examples, les.evaluation) == (20, 100, 10_000, "auto")
     assert paths.PathsSettings.paper().n_samples == 1000             # Veit et al.: 1,000 paths per length
     nets = lesion.trained_nets("paper")
     assert nets.depths == {"plain": (20,), "residual": (110,)}      # the comparison plain net is one that trains

@@ -65,8 +65,8 @@ class LesionSettings:
         k_swaps: numbers of random within-stage swaps of two blocks.
         reorder_sets: random orders per number of swaps.
         n_resamples: bootstrap resamples per interval.
-        evaluation: sweeps run the net ``eager``, with BN ``folded`` into the convolutions, or folded and
-            ``compiled`` block by block.
+        evaluation: sweeps run the net ``eager``, with BN ``folded`` into the convolutions, folded and
+            ``compiled`` block by block (experimental on a CPU), or ``auto``: compiled on a GPU, folded on a CPU.
         attribution_examples: images attributed with captum.
         attribution_methods: captum methods (``gradient_x_activation``, ``integrated_gradients``,
             ``conductance``); empty: no attribution.
@@ -82,7 +82,7 @@ class LesionSettings:
     k_swaps: tuple[int, ...] = (1, 2, 4, 8)
     reorder_sets: int = 5
     n_resamples: int = 200
-    evaluation: Literal["eager", "folded", "compiled"] = "eager"
+    evaluation: Literal["eager", "folded", "compiled", "auto"] = "eager"
     attribution_examples: int = 64
     attribution_methods: tuple[str, ...] = ("gradient_x_activation", "integrated_gradients")
     attribution_steps: int = 16
@@ -104,7 +104,7 @@ class LesionSettings:
     def paper(cls) -> "LesionSettings":
         """Veit et al.: 10,000 test images, up to 20 of ResNet-110's 54 blocks deleted, 100 sets per k."""
         return cls(n_examples=10_000, batch_size=1000, k_max=20, n_sets=100, k_swaps=(1, 2, 4, 8, 16, 32),
-                   reorder_sets=50, n_resamples=1000, evaluation="compiled", attribution_examples=1000,
+                   reorder_sets=50, n_resamples=1000, evaluation="auto", attribution_examples=1000,
                    attribution_methods=("gradient_x_activation", "integrated_gradients", "conductance"),
                    attribution_steps=32)
 
@@ -226,7 +226,10 @@ def measure(s: LesionSettings):
     """The lesion measurement of one model (single-block, k-random, reordering, attribution tables)."""
     def one(sm: StudyModel, x, y, keys: dict) -> dict[str, pd.DataFrame]:
         keys = {**keys, "family": sm.family, "depth": sm.depth}
-        net = evaluation_model(sm.model, s.evaluation)  # the sweeps' network; captum reads sm.model
+        path = s.evaluation
+        if path == "auto":
+            path = "compiled" if next(sm.model.parameters()).is_cuda else "folded"
+        net = evaluation_model(sm.model, path)  # the sweeps' network; captum reads sm.model
         single, per_image = single_block(net, sm.family, x, y, s, sm.seed, keys)
         tables = {"single_block": single, "k_random": k_random(net, x, y, s, sm.seed, keys)}
         if len(per_image):
