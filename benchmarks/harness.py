@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytorch_lightning
 import torch
+import torchvision
 
+from resnet_probe.atomic import atomic_write_text
 from resnet_probe.batchnorm import calibrate_batchnorm  # noqa: F401  (the benchmarks' BN set-up)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -190,8 +193,6 @@ def _git_revision() -> str:
 
 def environment(device: torch.device | str) -> dict:
     """Hardware, versions, date and git revision for a result file."""
-    import pytorch_lightning
-    import torchvision
     rev = _git_revision()
     return {
         "device": str(device), "hardware": device_name(device), "cpu": _cpu_model(),
@@ -222,7 +223,6 @@ def record(name: str, rows: list[dict], *, config: dict, device: torch.device | 
     ``<device>`` is ``cpu`` or ``gpu``, followed by the size (``cpu-paper``) when ``config["size"]`` is
     not the device's default one (small on the CPU, paper on a GPU), so such a run keeps its own file.
     """
-    from resnet_probe.atomic import atomic_write_text
 
     env = environment(device)
     out = Path(results_dir or RESULTS)

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cifar import CifarNet
+from .grouped import GroupedCifarNet
+
 LESION_MODES = ("zero_branch", "shortcut_only")
 
 
@@ -214,9 +217,7 @@ def anatomy(model: nn.Module, grouped: bool = False) -> Anatomy:
         TypeError: the model has no recognisable residual blocks (naming what is supported and how
             to declare a block), or it is a grouped network and ``grouped`` is false.
     """
-    from .cifar import CifarNet
-    from .declared import declaration_of, declared_anatomy
-    from .grouped import GroupedCifarNet
+    from .declared import declaration_of, declared_anatomy  # declared.py builds on this module's classes
 
     if isinstance(model, CifarNet):
         return _cifar_anatomy(model, model.family)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -125,5 +126,4 @@ def _remove_empty_dirs(deepest: Path, root: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
     shutil.rmtree(path, ignore_errors=True)

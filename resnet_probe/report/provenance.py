@@ -7,6 +7,7 @@ whether a report must carry the synthetic-data warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -38,7 +39,6 @@ def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
         return {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
                 if isinstance(getattr(o, f.name), (str, int, float, bool, type(None), Path))}
     if isinstance(o, (set, frozenset)):

@@ -13,6 +13,7 @@ Inside ``with new_run(...) as run:`` the main thread handles SIGTERM like SIGINT
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 from datetime import datetime
@@ -21,10 +22,13 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from .folder import PROVENANCE, REPORT, STATUS, RunFolderError, check_run_dir, make_run_dir, read_json, write_json
+from .figures import select_rows, validate_figure
+from .folder import (PROVENANCE, REPORT, STATES, STATUS, RunFolderError, check_run_dir, make_run_dir, read_json,
+                     write_json)
 from .interrupt import RunTerminated, install_sigterm, interrupted, restore_sigterm
 from .liveness import process_identity, writer_alive
 from .provenance import collect_provenance, finish_provenance, jsonable
+from .render import render_report
 from .tables import check_name, read_table, write_table
 
 __all__ = ["Run", "new_run", "open_run"]
@@ -132,7 +136,6 @@ class Run:
             caption: text under the figure (default: its title).
             **spec: the figure spec, e.g. ``x="step", y="value", hue="model", query="metric == 'val_error'"``.
         """
-        from .figures import select_rows, validate_figure
         check_name(name, "figure")
         if table not in self._state["tables"]:
             raise KeyError(f"figure {name!r}: no table {table!r}; add it first. Tables: {self.tables}")
@@ -185,14 +188,12 @@ class Run:
 
     def mark(self, state: str, error: str | None = None) -> None:
         """Record the run's state in ``status.json`` (``running``, ``complete``, ``failed``, ``interrupted``)."""
-        from .folder import STATES
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}; valid: {STATES}")
         self._write_status({**self._status, "state": state, "error": error})
 
     def link_child(self, child: "Run | str | Path", title: str | None = None) -> None:
         """Show another run's headlines and figures in this run's report (see ``combine_runs``)."""
-        import os
         child_path = check_run_dir(child.path if isinstance(child, Run) else Path(child)).resolve()
         if child_path == self.path.resolve():
             raise ValueError(f"a run cannot include itself ({self.path})")
@@ -207,7 +208,6 @@ class Run:
         Returns:
             The path of ``report.html``.
         """
-        from .render import render_report
         status = dict(self._status)
         if status.get("state") == "running" and writer_alive(status) is False:  # shown, not recorded
             status["error"] = (f"the process that wrote it is gone (pid {status['pid']} on host {status['host']}, "
@@ -219,8 +219,7 @@ class Run:
 
         Prints the report's path and returns it (``report.html``).
         """
-        from .rebuild import draw_all
-        from .render import render_report
+        from .rebuild import draw_all  # rebuild.py imports this module
         try:
             draw_all(self)
             self._prov = finish_provenance(self._prov)

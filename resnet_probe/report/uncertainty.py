@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 __all__ = ["t_mean_ci", "format_ci", "format_mean_std", "summarise_over_seeds"]
 
@@ -39,7 +40,6 @@ def t_mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float,
     mean = float(x.mean())
     if x.size < 2:
         return mean, math.nan, math.nan
-    from scipy import stats
     half = float(stats.t.ppf(0.5 + confidence / 2.0, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return mean, mean - half, mean + half
 

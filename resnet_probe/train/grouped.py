@@ -29,7 +29,9 @@ import torch
 
 from ..atomic import atomic_path
 from ..models.grouped import GroupedCifarNet, grouped_cross_entropy
+from ..data import ResidentLoader
 from .base import RecipeModule, check_training_args
+from .module import CifarClassifier
 
 
 class PerModelBatches:
@@ -95,7 +97,6 @@ def per_model_train_batches(datamodule, data_seeds: Sequence[int]) -> PerModelBa
     Returns:
         ``PerModelBatches`` yielding ``(x (S, B, 3, 32, 32), y (S, B))``.
     """
-    from ..data import ResidentLoader
 
     images, labels = datamodule.resident_split("train")
     hp = datamodule.hparams
@@ -193,7 +194,6 @@ class GroupedClassifier(RecipeModule):
         Returns:
             The checkpoint paths, in model order.
         """
-        from .module import CifarClassifier
 
         directory = Path(directory)
         try:
