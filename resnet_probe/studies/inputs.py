@@ -126,6 +126,12 @@ def _label(info: dict, source: str) -> str:
     return f"{info['arch']} ({Path(info.get('path') or source).name})"
 
 
+def absolute_if_path(source: str | os.PathLike) -> str:
+    """``source`` as an absolute path when it names an existing file or folder, else unchanged
+    (``torchvision:resnet18``, ``timm:resnet50``)."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
+
+
 def load_model_source(source: str, seed: int, *, arch: str | None = None, weights: str | None = None,
                       allow_unsafe: bool = False, download: bool = True) -> StudyModel:
     """Load one model source (not a ``train_zoo`` folder) as a ``StudyModel``.
@@ -141,7 +147,8 @@ def load_model_source(source: str, seed: int, *, arch: str | None = None, weight
     if info["kind"] == "project":
         seed = int(hp.get("seed", seed))
     family = hp.get("family", info["arch"])
-    return StudyModel(_label(info, source), model.eval(), seed, family, int(hp.get("depth", -1)), str(source), info)
+    return StudyModel(_label(info, source), model.eval(), seed, family, int(hp.get("depth", -1)),
+                      absolute_if_path(source), info)
 
 
 def zoo_models(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, Any]:
@@ -156,7 +163,7 @@ def zoo_models(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, Any]:
         raise ValueError(f"{run_dir} is not a train_zoo run (no 'final' table with checkpoints); "
                          "make one with `resnet-probe train_zoo`")
     df = run.table("final")[["model", "family", "depth", "seed", "checkpoint"]].drop_duplicates()
-    df["checkpoint"] = [str(run.path / c) for c in df["checkpoint"]]
+    df["checkpoint"] = [str(run.path.resolve() / c) for c in df["checkpoint"]]
     df["_rank"] = df["family"].map(family_rank)
     df = df.sort_values(["_rank", "family", "depth", "seed"]).drop(columns="_rank").reset_index(drop=True)
     return df, run

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..report import Run, new_run
 from ..report.provenance import jsonable
 from ..train.fit import progress_wanted
+from .inputs import absolute_if_path
 
 __all__ = ["CONFIG_FILE", "StudyResult", "progress", "settings_dict", "study_config", "study_run"]
 
@@ -52,13 +53,27 @@ def settings_dict(settings: Any) -> dict[str, Any]:
 def study_config(*, models: Sequence[str | None] = (), data: str | None = None, seeds: Iterable[int] = (0,),
                  device: str = "auto", out: str | Path = "runs", scale: str | None = None, settings: Any = None,
                  train: Any = None) -> dict[str, Any]:
-    """The configuration a study records: the keys of its command line (``resnet_probe.studies.command``)."""
-    config: dict[str, Any] = {"models": [str(m) if m is not None else None for m in models], "data": data,
-                              "seeds": [int(s) for s in seeds], "device": device, "out": str(out), "scale": scale,
+    """The configuration a study records: the keys of its command line (``resnet_probe.studies.command``).
+
+    Files and folders (model sources, the data path of ``pack=`` / ``imagefolder=``, ``out``) are
+    recorded as absolute paths, so the recorded command and the notebooks re-open them from any
+    working directory.
+    """
+    config: dict[str, Any] = {"models": [absolute_if_path(m) if m is not None else None for m in models],
+                              "data": _absolute_data_spec(data), "seeds": [int(s) for s in seeds],
+                              "device": device, "out": str(Path(out).resolve()), "scale": scale,
                               "settings": settings_dict(settings)}
     if train is not None:
         config["train"] = settings_dict(train)
     return config
+
+
+def _absolute_data_spec(spec: str | None) -> str | None:
+    """``pack=PATH`` / ``imagefolder=PATH`` with PATH made absolute when it exists; other specs unchanged."""
+    if spec is None or "=" not in spec:
+        return spec
+    kind, path = spec.split("=", 1)
+    return f"{kind}={absolute_if_path(path)}"
 
 
 def study_run(study: str, config: dict[str, Any], *, title: str, data: dict[str, Any] | None,
