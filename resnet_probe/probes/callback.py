@@ -10,8 +10,8 @@ negative gradient of the training loss there, and ``||F(x)|| / ||x||``). Refinem
 pass, which Lightning's validation loop (run under ``torch.inference_mode``) does not make: it is
 recorded on training steps, with the module's training loss and BN in train mode, so each example's
 gradient also carries the other examples of its batch through BN's batch statistics (the
-``refinement`` study measures eval-mode nets with per-example losses). Under DDP the sums and counts are all-reduced over the ranks before any division, and
-only global rank 0 writes. Tables (rewritten atomically after each record) go into the run folder
+``refinement`` study measures eval-mode nets with per-example losses). Under DDP the sums and counts
+are all-reduced over the ranks before any division, and only global rank 0 writes. Tables (rewritten atomically after each record) go into the run folder
 (``trainer.log_dir`` unless ``out_dir`` is given):
 
 - ``probe_responses.csv``: one row per (site, metric, epoch);

@@ -132,5 +132,5 @@ def write_report(run, tables: dict[str, pd.DataFrame], s: RefinementSettings, da
                            "over seeds where there are several; ringed: downsampling blocks.")
     run.add_figure("refinement_cos_spread", "line", "refinement", query="metric == 'refinement_cos_std'",
                    ylabel="std over images of cos(F(x), -dL/dF)", title="How much the cosine varies between images",
-                   **common, caption="Std over the evaluation images of the per-image cosine, per block. Band: ± 1 std "
-                                     "over seeds where there are several.")
+                   **common, caption="Std over the evaluation images of the per-image cosine, per block. Band: "
+                                     "± 1 std over seeds where there are several.")
