@@ -24,6 +24,7 @@ STUDY_HELP = {
     "paths": "gradient per path length and effective paths (Veit et al. 2016, Fig. 6)",
     "highway": "highway gate statistics and gate closing (Srivastava et al. 2015)",
     "similarity": "linear CKA between blocks of one net and of two nets (Kornblith et al. 2019, minibatch CKA)",
+    "refinement": "per block, cos(F(x), -dL/dF) and ||F(x)|| / ||x|| (Jastrzebski et al. 2018, iterative refinement)",
     "landscape": "loss surfaces along filter-normalised directions, plain vs residual (Li et al. 2018)",
     "shattered": "input-gradient correlation against input distance, at init and trained (Balduzzi et al. 2017)",
     "quickstart": "train small nets, run every study, one report (what `make demo` runs)",

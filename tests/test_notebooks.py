@@ -2,8 +2,8 @@
 
 The run folders come from the quickstart at the tiny scale (nets trained for two steps) on the CIFAR-10
 JPEG pack when it is here (synthetic images only when it is not), written under ``runs/`` as ``make
-demo`` writes them, and from the landscape and shattered-gradients studies at the tiny scale on the
-quickstart's deepest plain and residual nets (the quickstart does not run them); every notebook is
+demo`` writes them, and from the landscape, shattered-gradients and refinement studies at the tiny scale on
+the quickstart's deepest plain and residual nets (the quickstart does not run them); every notebook is
 executed with nbclient on the ``python3`` kernel and must finish without a cell error. Notebooks only
 read runs: none of them trains.
 """
@@ -19,15 +19,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 REQUIRED = {"lesion_run", "response_std_depths", "similarity_run", "torchvision_probes", "landscape_run",
-            "shattered_run"}
+            "shattered_run", "refinement_run"}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A folder whose ``runs/`` holds a tiny quickstart (a train_zoo run and a run of every study it runs) and a
-    tiny landscape and shattered-gradients run on its deepest plain and residual nets."""
+    tiny landscape, shattered-gradients and refinement run on its deepest plain and residual nets."""
     from resnet_probe.data import default_pack_path
-    from resnet_probe.studies import landscape, quickstart, shattered
+    from resnet_probe.studies import landscape, quickstart, refinement, shattered
     from resnet_probe.studies.inputs import Zoo, load_data
     from resnet_probe.studies.train_zoo import ZooSettings
 
@@ -41,6 +41,7 @@ def workdir(tmp_path_factory):
     deepest = Zoo(done.zoo.deepest(("plain", "residual")))
     landscape.run(landscape.LandscapeSettings.tiny(), deepest, data, out=root / "runs", scale="tiny")
     shattered.run(shattered.ShatteredSettings.tiny(), deepest, data, out=root / "runs", scale="tiny")
+    refinement.run(refinement.RefinementSettings.tiny(), deepest, data, out=root / "runs", scale="tiny")
     return {"root": root, "synthetic": pack is None,
             "lesion": max((root / "runs" / "lesion").iterdir())}
 
@@ -84,5 +85,9 @@ def test_notebook_executes_on_tiny_runs(path, workdir, monkeypatch):
         assert "minibatches of 4: finite = True" in text
     if path.stem == "landscape_run":
         assert "loss by hand" in text                      # the centre re-computed on the run's own images
+    if path.stem == "refinement_run":
+        found = re.search(r"largest difference from the table ([0-9.e+-]+)", text)
+        assert found and float(found[1]) < 1e-4       # per-image cosines and ratios by autograd, float32
+        assert "share of images with a positive cosine, per block" in text
     if path.stem == "shattered_run":
         assert "gradient correlation at distance" in text      # the by-hand gradients, on the run's own images

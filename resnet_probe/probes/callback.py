@@ -1,15 +1,22 @@
-"""``ProbeCallback``: response and gradient probes during Lightning training, written as tidy CSV.
+"""``ProbeCallback``: response, gradient and refinement probes during Lightning training, written as tidy CSV.
 
 The callback opens a probe session on ``pl_module.model`` in ``setup`` and closes it in
 ``teardown`` and ``on_exception``. Every ``every_n_epochs`` epochs it records the response
 statistics over the whole validation set; every ``every_n_steps`` optimisation steps it records the
 per-block gradient norms (just before the optimizer step, after gradient accumulation and the DDP
-all-reduce). Under DDP the sums and counts are all-reduced over the ranks before any division, and
-only global rank 0 writes. Tables (rewritten atomically after each record) go into the run folder
+all-reduce); every ``refinement_every_n_steps`` steps it records, over that step's training batch,
+the refinement statistics (``RefinementProbe``: per block the cosine between the branch output and the
+negative gradient of the training loss there, and ``||F(x)|| / ||x||``). Refinement needs a backward
+pass, which Lightning's validation loop (run under ``torch.inference_mode``) does not make: it is
+recorded on training steps, with the module's training loss and BN in train mode, so each example's
+gradient also carries the other examples of its batch through BN's batch statistics (the
+``refinement`` study measures eval-mode nets with per-example losses). Under DDP the sums and counts
+are all-reduced over the ranks before any division, and only global rank 0 writes. Tables (rewritten atomically after each record) go into the run folder
 (``trainer.log_dir`` unless ``out_dir`` is given):
 
 - ``probe_responses.csv``: one row per (site, metric, epoch);
-- ``probe_gradients.csv``: one row per (block, metric, step).
+- ``probe_gradients.csv``: one row per (block, metric, step);
+- ``probe_refinement.csv``: one row per (block, metric, step).
 
 Columns: run, seed, model, site, metric, value, step, epoch, then kind, stage, block,
 downsampling, path (see ``ProbeSession.table`` for the metrics). On a ``GroupedClassifier`` (S
@@ -30,7 +37,8 @@ carries nothing of the probes while it does not record.
   from one recording step to the next, as CUDA graphs need. A block whose tap is a hook
   (torchvision's, or one whose slot another session holds) is not seen by compiled code: such a
   step runs eagerly, under ``torch.compiler.set_stance("force_eager")``.
-- A validation epoch that records responses attaches the response hooks and runs eagerly the same way.
+- A validation epoch that records responses attaches the response hooks and runs eagerly the same way;
+  so does a training step that records refinement (its taps are hooks on the branch outputs).
 
 The recorded values equal an eager run's. No private attribute of a torch object is written.
 """
@@ -50,6 +58,7 @@ CSV_COLUMNS = ("run", "seed", "model", "site", "metric", "value", "step", "epoch
                "kind", "stage", "block", "downsampling", "path")
 RESPONSES_CSV = "probe_responses.csv"
 GRADIENTS_CSV = "probe_gradients.csv"
+REFINEMENT_CSV = "probe_refinement.csv"
 
 
 class ProbeCallback(pl.Callback):
@@ -59,27 +68,32 @@ class ProbeCallback(pl.Callback):
         sites: site names or patterns for the response probe (see ``resnet_probe.probes.probe``).
         every_n_epochs: record responses at the validation of every n-th epoch (0 = never).
         every_n_steps: record gradient norms every n-th optimisation step (0 = never).
+        refinement_every_n_steps: record refinement statistics every n-th optimisation step (0 = never).
         out_dir: folder for the CSV tables; default ``trainer.log_dir``.
         run: run name for the ``run`` column; default the name of the output folder.
         model_name: ``model`` column; default ``{family}-{depth}`` from the module's hparams.
     """
 
     def __init__(self, sites="*", every_n_epochs: int = 1, every_n_steps: int = 50,
-                 out_dir: str | Path | None = None, run: str | None = None, model_name: str | None = None):
-        for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+                 out_dir: str | Path | None = None, run: str | None = None, model_name: str | None = None,
+                 refinement_every_n_steps: int = 0):
+        for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps),
+                        ("refinement_every_n_steps", refinement_every_n_steps)):
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {v!r}")
-        if every_n_epochs == 0 and every_n_steps == 0:
-            raise ValueError("nothing to record: every_n_epochs and every_n_steps are both 0")
+        if every_n_epochs == 0 and every_n_steps == 0 and refinement_every_n_steps == 0:
+            raise ValueError("nothing to record: every_n_epochs, every_n_steps and refinement_every_n_steps are all 0")
         self.sites = sites
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
+        self.refinement_every_n_steps = refinement_every_n_steps
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.run = run
         self.model_name = model_name
         self.session: ProbeSession | None = None
         self.response_rows: list[dict] = []
         self.gradient_rows: list[dict] = []
+        self.refinement_rows: list[dict] = []
         self._recording_val = False
         self._eager: ExitStack | None = None  # holds the "force_eager" stance while recording eagerly
         self._folder: Path | None = None
@@ -88,9 +102,10 @@ class ProbeCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
         model = self._model(pl_module)
-        metrics = (("response",) if self.every_n_epochs else ()) + (("gradient",) if self.every_n_steps else ())
+        metrics = ((("response",) if self.every_n_epochs else ()) + (("gradient",) if self.every_n_steps else ())
+                   + (("refinement",) if self.refinement_every_n_steps else ()))
         self.session = probe(model, sites=self.sites, metrics=metrics)
-        self.session.arm(response=False, gradient=False)
+        self.session.arm(response=False, gradient=False, refinement=False)
         if trainer is not None:
             # trainer.log_dir is a collective under DDP: resolve it here, where every rank runs
             self._folder = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir)
@@ -153,7 +168,12 @@ class ProbeCallback(pl.Callback):
 
     # -- gradient norms during training --------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        if self.session is None or self.session.gradient is None:
+        if self.session is None:
+            return
+        if self.session.refinement is not None and trainer.global_step % self.refinement_every_n_steps == 0:
+            self.session.arm(refinement=True)
+            self._run_eagerly()
+        if self.session.gradient is None:
             return
         if trainer.global_step % self.every_n_steps == 0:
             self.session.arm(gradient=True)
@@ -165,8 +185,13 @@ class ProbeCallback(pl.Callback):
             self.session.record_gradients(step=trainer.global_step)
             self.session.arm(gradient=False)
             self._end_eager()
+        if self.session is not None and self.session.armed.get("refinement"):
+            self.session.record_refinement(step=trainer.global_step)
+            self.session.arm(refinement=False)
+            self._end_eager()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_refinement(trainer, pl_module)
         g = None if self.session is None else self.session.gradient
         if g is None or not g.history:  # the same steps are recorded on every rank
             return
@@ -177,6 +202,18 @@ class ProbeCallback(pl.Callback):
         if rows:
             self.gradient_rows += [self._tidy(r, trainer, pl_module) for r in rows]
             self._write(trainer, GRADIENTS_CSV, self.gradient_rows)
+
+    def _write_refinement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        r = None if self.session is None else self.session.refinement
+        if r is None or not r.history:  # the same steps are recorded on every rank
+            return
+        self.session.all_reduce(metrics=("refinement",))
+        self.session.check_finite()
+        rows = r.rows()
+        r.reset()
+        if rows:
+            self.refinement_rows += [self._tidy(row, trainer, pl_module) for row in rows]
+            self._write(trainer, REFINEMENT_CSV, self.refinement_rows)
 
     # -- output -------------------------------------------------------------------------------
     @property

@@ -35,11 +35,12 @@ from ..models.compiled import compiled_module
 from ..models.wrappers import analysed_network
 from .gradient import GradientProbe
 from .nonfinite import NonFiniteError, NonFiniteWatch
+from .refinement import RefinementProbe
 from .response import ResponseProbe
 from .sites import all_sites, select_sites
 from .stats import ChannelStats, all_reduce_stats
 
-METRICS = ("response", "gradient")
+METRICS = ("response", "gradient", "refinement")
 COLUMNS = ("site", "stage", "block", "kind", "metric", "value", "downsampling", "path", "step")
 
 
@@ -132,10 +133,11 @@ class ProbeSession:
         names = {s.block.name for s in chosen}
         blocks = [b for b in self.anatomy.blocks if b.name in names]
         self.gradient = GradientProbe(blocks, self.watch, num_models) if "gradient" in metrics else None
+        self.refinement = RefinementProbe(blocks, self.watch, num_models) if "refinement" in metrics else None
         self.sites = [s.name for s in chosen]
         self._warned: set[str] = set()
-        self._parts = {name: part for name, part in (("response", self.response), ("gradient", self.gradient))
-                       if part is not None}
+        self._parts = {name: part for name, part in (("response", self.response), ("gradient", self.gradient),
+                                                     ("refinement", self.refinement)) if part is not None}
         self._hooks: dict[str, list] = {name: [] for name in self._parts}  # per measured metric
         self._armed = dict.fromkeys(self._parts, False)
         self._finalizer = weakref.finalize(self, _remove_all, self._hooks)
@@ -169,8 +171,9 @@ class ProbeSession:
         """Remove this session's hooks and taps (idempotent); its results stay readable."""
         if self.response is not None:
             self.response.release()
-        if self.gradient is not None:
-            self.gradient.active = False
+        for part in (self.gradient, self.refinement):
+            if part is not None:
+                part.active = False
         self._finalizer()
         self._armed = dict.fromkeys(self._armed, False)
 
@@ -194,7 +197,15 @@ class ProbeSession:
                              "metrics=('response', 'gradient')")
         self.gradient.record(step)
 
-    def arm(self, response: bool | None = None, gradient: bool | None = None) -> None:
+    def record_refinement(self, step: int | None = None) -> None:
+        """Close the refinement sums accumulated since the last record as one step labelled ``step`` (rows of
+        the sums not yet recorded carry step ``None``; recording is needed only to label steps)."""
+        if self.refinement is None:
+            raise ValueError("this session does not measure refinement; open it with metrics=('refinement',)")
+        self.refinement.record(step)
+
+    def arm(self, response: bool | None = None, gradient: bool | None = None,
+            refinement: bool | None = None) -> None:
         """Attach (``True``) or remove (``False``) the hooks and taps of the response / gradient probe.
 
         What was recorded stays. A disarmed probe leaves nothing on the model: it adds nothing to a
@@ -202,13 +213,13 @@ class ProbeSession:
         probe's taps on CIFAR blocks (``GradientProbe``) are part of the traced graph, so they may be
         opened and closed around compiled steps; hooks are not (compiled code keeps the hooks it was
         traced with), so a probe that uses hooks records while the network runs eagerly
-        (``ProbeCallback`` runs those steps and epochs under ``torch.compiler.set_stance("force_eager")``).
-        ``None`` leaves a probe as it is.
+        (``ProbeCallback`` runs those steps and epochs under ``torch.compiler.set_stance("force_eager")``);
+        the refinement probe uses hooks. ``None`` leaves a probe as it is.
 
         Raises:
             RuntimeError: arming a closed session.
         """
-        for metric, on in (("response", response), ("gradient", gradient)):
+        for metric, on in (("response", response), ("gradient", gradient), ("refinement", refinement)):
             if on is None or metric not in self._parts or on == self._armed[metric]:
                 continue
             if on:
@@ -226,7 +237,7 @@ class ProbeSession:
 
     def reset(self) -> None:
         """Forget everything recorded so far (the hooks stay as they are)."""
-        for part in (self.response, self.gradient):
+        for part in (self.response, self.gradient, self.refinement):
             if part is not None:
                 part.reset()
         self.watch.reset()
@@ -236,18 +247,21 @@ class ProbeSession:
         """Sum counts and sums over the ranks of ``torch.distributed`` (no-op when not initialised).
 
         Call once, on every rank, after the last batch and before reading: afterwards every rank
-        holds the statistics of all the data. Squared activation-gradient norms are summed too;
-        parameter-gradient norms are not (DDP has already averaged the gradients themselves).
+        holds the statistics of all the data. Squared activation-gradient norms are summed too, and the
+        refinement probe's counts, sums and sums of squares; parameter-gradient norms are not (DDP has
+        already averaged the gradients themselves).
 
         Args:
             group: the process group (default: the world).
-            metrics: which of ``"response"`` / ``"gradient"`` to reduce.
+            metrics: which of ``"response"`` / ``"gradient"`` / ``"refinement"`` to reduce.
         """
         stats, extra = [], []
         if self.response is not None and "response" in metrics:
             stats, extra = self.response.reducible()
         if self.gradient is not None and "gradient" in metrics:
             extra = extra + self.gradient.reducible()
+        if self.refinement is not None and "refinement" in metrics:
+            extra = extra + self.refinement.reducible()
         all_reduce_stats(stats, extra, group=group)
         self._check_response_finite()
         self.watch.all_reduce(group=group)
@@ -298,7 +312,11 @@ class ProbeSession:
         ``saturated_fraction``; kind ``ratio`` rows (site = block name) hold ``norm_ratio``
         = ||F(x)|| / ||S(x)||. Gradient rows, per block and recorded step: ``param_grad_norm`` and
         ``activation_grad_norm``, and what they are relative to, ``param_norm``, ``param_count`` and
-        ``activation_count`` (see ``GradientProbe``). For a grouped network every row is per model:
+        ``activation_count`` (see ``GradientProbe``). Refinement rows (kind ``refinement``, site = block
+        name, per recorded step and for the sums not yet recorded, step ``<NA>``):
+        ``refinement_cos_mean`` / ``_std`` / ``_count``, the cosine between the branch output and the
+        negative loss gradient there over the examples, and ``branch_to_input_norm_mean`` / ``_std`` /
+        ``_count``, ``||F(x_n)|| / ||x_n||`` (see ``RefinementProbe``). For a grouped network every row is per model:
         the extra column ``model_index``.
         """
         self.check_finite()
@@ -310,6 +328,8 @@ class ProbeSession:
             rows += self.response.rows()
         if self.gradient is not None:
             rows += self.gradient.rows()
+        if self.refinement is not None:
+            rows += self.refinement.rows()
         columns = list(COLUMNS) + (["model_index"] if self.anatomy.num_models > 1 else [])
         df = pd.DataFrame(rows, columns=columns)
         df["step"] = df["step"].astype("Int64")
@@ -327,7 +347,7 @@ class ProbeSession:
             return head + "<p>no values recorded yet</p>"
         parts = [head]
         per_model = ["model_index"] if "model_index" in df.columns else []
-        resp = df[df["kind"] != "gradient"]
+        resp = df[~df["kind"].isin(["gradient", "refinement"])]
         if not resp.empty:
             parts.append(resp.pivot_table(index=["site", "kind", *per_model], columns="metric", values="value",
                                           sort=False).to_html(float_format="{:.4g}".format))
@@ -336,6 +356,12 @@ class ProbeSession:
             parts.append("<p>gradient norms, mean over recorded steps</p>")
             parts.append(grad.pivot_table(index=["site", *per_model], columns="metric", values="value",
                                           aggfunc="mean", sort=False).to_html(float_format="{:.4g}".format))
+        refined = df[df["kind"] == "refinement"]
+        if not refined.empty:
+            parts.append("<p>refinement (cosine with the negative loss gradient, ||F(x)|| / ||x||), "
+                         "mean over recorded steps</p>")
+            parts.append(refined.pivot_table(index=["site", *per_model], columns="metric", values="value",
+                                             aggfunc="mean", sort=False).to_html(float_format="{:.4g}".format))
         return "\n".join(parts)
 
     def __repr__(self) -> str:
@@ -353,8 +379,13 @@ def probe(model: nn.Module, sites="*", metrics=("response",), raw: bool = False,
             compiled models see the module docstring). On a ``GroupedCifarNet`` every metric is
             measured per model (rows carry ``model_index``).
         sites: site names or fnmatch patterns (``"*"``, ``"stage2.*.branch"``); see ``sites.py``.
-        metrics: ``"response"`` (streaming activation statistics) and/or ``"gradient"``
-            (per-step gradient norms; call ``session.record_gradients()`` after each backward).
+        metrics: ``"response"`` (streaming activation statistics), ``"gradient"`` (per-step
+            gradient norms; call ``session.record_gradients()`` after each backward) and/or
+            ``"refinement"`` (per block, the cosine between the branch output and the negative loss
+            gradient there, and ``||F(x)|| / ||x||``, over the examples of every backward pass: run the
+            forward pass with gradients enabled and call ``loss.backward()``, e.g. of
+            ``F.cross_entropy(logits, y, reduction="sum")``; ``loss.backward(inputs=session.refinement.sinks)``
+            skips the parameter gradients. See ``resnet_probe.probes.refinement``).
         raw: also keep a CPU copy of every measured activation (memory grows with the data).
         strict: raise ``NonFiniteError`` instead of warning when a NaN/Inf was measured (checked
             when results are read and when the ``with`` block ends).

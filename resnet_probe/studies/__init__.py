@@ -6,4 +6,4 @@ and a ``COMMAND`` from which ``command`` builds its command line (``resnet-probe
 ``studies/STUDY.py``). Studies compose in Python: ``quickstart`` calls the others' ``run``.
 """
 STUDIES = ("train_zoo", "degradation", "response_std", "gradients", "lesion", "paths", "highway", "similarity",
-           "landscape", "shattered", "quickstart")
+           "refinement", "landscape", "shattered", "quickstart")
