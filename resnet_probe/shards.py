@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from .report.interrupt import RunFailed
 
-__all__ = ["ONE", "Shard", "ShardFailure", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "environment_shard",
-           "launched_world_size", "shard_timeout"]
+__all__ = ["ONE", "Shard", "ShardFailure", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "close_process_group",
+           "environment_shard", "launched_world_size", "shard_timeout"]
 
 TIMEOUT_ENV = "RESNET_PROBE_SHARD_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -176,3 +176,9 @@ def environment_shard(device: torch.device | str = "cpu", timeout_s: float | Non
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return Shard(dist.get_rank(), dist.get_world_size(), timeout_s)
+
+
+def close_process_group() -> None:
+    """Destroy the default process group after a run that finished (nothing when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -195,3 +195,15 @@ def test_killing_a_rank_stops_the_run_and_marks_its_folder_failed(tmp_path):
     assert state["state"] == "failed", output
     assert "rank 0 of 2" in state["error"] and "torchrun stops every rank" in state["error"]
     assert len(list(tmp_path.glob("lesion/*"))) == 1  # rank 1 wrote no folder of its own
+
+
+def test_under_torchrun_only_sharded_studies_of_given_models_run(monkeypatch, tmp_path, capsys):
+    """With several processes a study that does not shard, or a sharded one asked to train, stops in one line
+    before any run folder exists."""
+    from resnet_probe.studies.command import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main("highway", ["--out", str(tmp_path), "--data", "synthetic"]) == 2
+    assert "highway does not split its images over processes" in capsys.readouterr().err
+    assert main("lesion", ["--out", str(tmp_path), "--data", "synthetic"]) == 2
+    assert "analyses given models and does not train" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

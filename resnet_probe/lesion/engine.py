@@ -146,6 +146,8 @@ def _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch,
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive; got {max_batch}")
     chunks = list(example_chunks(len(x), batch_size))
+    if shard is not None and shard.world_size == 1:
+        shard = None
     if shard is not None:  # this rank's contiguous chunks: the forward passes one process runs on them
         chunks = shard.units(chunks)
     parts = {k: [] for k in ("error", "loss", "kl", "intact_error", "intact_loss", "logits")}

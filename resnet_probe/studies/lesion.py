@@ -263,6 +263,7 @@ def run(settings: LesionSettings, models: Zoo | Sequence | None, data: StudyData
 
 
 COMMAND = StudyCommand(
-    name="lesion", run=run, settings=LesionSettings, inputs="models", train=trained_nets, families=FAMILIES,
+    name="lesion", run=run, settings=LesionSettings, inputs="models", sharded=True, train=trained_nets,
+    families=FAMILIES,
     description="Delete and reorder the blocks of trained ResNets (Veit et al. 2016) and compare each block's "
                 "deletion effect with its captum attribution.")

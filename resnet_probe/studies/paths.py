@@ -272,6 +272,7 @@ def write_report(run, tables: dict[str, pd.DataFrame], s: PathsSettings, data: S
 
 
 COMMAND = StudyCommand(
-    name="paths", run=run, settings=PathsSettings, inputs="models", train=trained_nets, families=ADDITIVE_FAMILIES,
+    name="paths", run=run, settings=PathsSettings, inputs="models", sharded=True, train=trained_nets,
+    families=ADDITIVE_FAMILIES,
     description="Path-length distribution, gradient magnitude per path length (sampled, as Veit et al. 2016, "
                 "Fig. 6) and the exact net gradient per length, with the effective paths of residual networks.")

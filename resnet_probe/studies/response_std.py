@@ -243,6 +243,6 @@ def _report(run, tables: dict[str, pd.DataFrame], s: ResponseSettings, n_images:
 
 
 COMMAND = StudyCommand(
-    name="response_std", run=run, settings=ResponseSettings, inputs="models", train=trained_nets,
+    name="response_std", run=run, settings=ResponseSettings, inputs="models", sharded=True, train=trained_nets,
     description="He et al. Fig. 7: std of each branch layer's response (after BN, before ReLU / addition), in "
                 "network order and sorted, for every model given.")
