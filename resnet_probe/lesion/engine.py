@@ -19,6 +19,7 @@ other sizes, and a convolution kernel may add its products in another order at a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from ..models.fold import fold_batchnorm
 from ..models.wrappers import analysed_network
 from .context import check_order, evaluation, lesion, reordered
 from .inputs import as_tensors, example_chunks
+
+if TYPE_CHECKING:
+    from ..shards import Shard
 
 ENGINES = ("batched", "loop")
 # Rows (examples x variants) per batched pass. A GPU wants wide passes; on a CPU, passes whose
@@ -68,7 +72,7 @@ class SetMetrics:
 def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tensor | None = None, *,
                            mode: str = "zero_branch", batch_size: int = 256, max_batch: int | None = None,
                            engine: str = "batched", fold_bn: bool = False,
-                           return_logits: bool = False) -> SetMetrics:
+                           return_logits: bool = False, shard: "Shard | None" = None) -> SetMetrics:
     """Per-example error, loss and KL of the model with each set of blocks deleted.
 
     Args:
@@ -87,6 +91,9 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
             (``models.fold.fold_batchnorm``): fewer passes over the activations; the same logits up
             to float rounding.
         return_logits: keep every variant's logits in the result.
+        shard: evaluate only this rank's contiguous chunks of ``batch_size`` images and gather every
+            rank's per-example values in image order (``resnet_probe.shards``): the same ``SetMetrics``
+            as one process, bit for bit. ``None``: one process.
 
     Returns:
         ``SetMetrics`` with one row per deletion set, in the given order.
@@ -101,12 +108,12 @@ def evaluate_deletion_sets(model: nn.Module, deletion_sets, data, y: torch.Tenso
         row[idx] = True
     order = np.tile(np.arange(n), (len(sets), 1))
     return _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
-                     return_logits)
+                     return_logits, shard)
 
 
 def evaluate_orders(model: nn.Module, orders, data, y: torch.Tensor | None = None, *,
                     batch_size: int = 256, max_batch: int | None = None, engine: str = "batched",
-                    fold_bn: bool = False, return_logits: bool = False) -> SetMetrics:
+                    fold_bn: bool = False, return_logits: bool = False, shard: "Shard | None" = None) -> SetMetrics:
     """Per-example error, loss and KL of the model with its blocks run in each given order.
 
     Args:
@@ -122,11 +129,11 @@ def evaluate_orders(model: nn.Module, orders, data, y: torch.Tensor | None = Non
     order = np.array([check_order(anat, o) for o in orders], dtype=np.int64).reshape(-1, len(anat.blocks))
     deleted = np.zeros(order.shape, dtype=bool)
     return _evaluate(model, anat, order, deleted, data, y, "zero_branch", batch_size, max_batch, engine,
-                     fold_bn, return_logits)
+                     fold_bn, return_logits, shard)
 
 
 def _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch, engine, fold_bn,
-              return_logits) -> SetMetrics:
+              return_logits, shard=None) -> SetMetrics:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
     if fold_bn:  # the folded copy has the same blocks, in the same order, under the same names
@@ -138,9 +145,14 @@ def _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch,
         max_batch = default_max_batch(device)
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive; got {max_batch}")
+    chunks = list(example_chunks(len(x), batch_size))
+    if shard is not None and shard.world_size == 1:
+        shard = None
+    if shard is not None:  # this rank's contiguous chunks: the forward passes one process runs on them
+        chunks = shard.units(chunks)
     parts = {k: [] for k in ("error", "loss", "kl", "intact_error", "intact_loss", "logits")}
     with evaluation(model), torch.no_grad():
-        for sl in example_chunks(len(x), batch_size):
+        for sl in chunks:
             xb, yb = x[sl].to(device), y[sl].to(device)
             if engine == "batched":
                 intact, logits = batched_logits(anat, xb, order, deleted, mode, max_batch)
@@ -150,10 +162,29 @@ def _evaluate(model, anat, order, deleted, data, y, mode, batch_size, max_batch,
                 parts[k].append(v.cpu())
             if return_logits:
                 parts["logits"].append(logits.cpu())
+    if shard is not None:
+        return _gathered(parts, shard, len(order), return_logits)
     cat = {k: torch.cat(v, dim=-1 if k != "logits" else 1) for k, v in parts.items() if v}
     return SetMetrics(error=cat["error"].numpy(), loss=cat["loss"].numpy(), kl=cat["kl"].numpy(),
                       intact_error=cat["intact_error"].numpy(), intact_loss=cat["intact_loss"].numpy(),
                       logits=cat.get("logits"))
+
+
+def _gathered(parts: dict, shard: "Shard", n_sets: int, return_logits: bool) -> SetMetrics:
+    """One rank's per-example metrics gathered from every rank, in image order (a rank without images
+    contributes empty arrays)."""
+    local = {}
+    for k in ("error", "loss", "kl", "intact_error", "intact_loss"):
+        empty = np.zeros((n_sets, 0) if k in ("error", "loss", "kl") else (0,))
+        local[k] = torch.cat(parts[k], dim=-1).numpy() if parts[k] else empty
+    if return_logits:
+        local["logits"] = torch.cat(parts["logits"], dim=1).numpy() if parts["logits"] else None
+    everything = shard.gather_objects(local, "per-example lesion metrics")
+    out = {k: np.concatenate([r[k] for r in everything], axis=-1) for k in local if k != "logits"}
+    if return_logits:
+        out["logits"] = torch.from_numpy(np.concatenate([r["logits"] for r in everything
+                                                         if r["logits"] is not None], axis=1))
+    return SetMetrics(**out)
 
 
 def _metrics(logits: torch.Tensor, intact: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -68,7 +68,7 @@ def reorder_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k_swaps=(1
         seed: seeds the swaps and the bootstrap.
         batch_size: examples per chunk.
         n_resamples: bootstrap resamples per interval.
-        options: ``max_batch``, ``confidence_level``, ``ci_method``, ``engine``.
+        options: ``max_batch``, ``confidence_level``, ``ci_method``, ``engine``, ``fold_bn``, ``shard``.
 
     Returns:
         One row per order: ``k_swaps``, ``set``, ``order`` (block indices by position, space
@@ -91,5 +91,6 @@ def reorder_sweep(model: nn.Module, x, y: torch.Tensor | None = None, k_swaps=(1
                          "moved": joined_names(anat, [b for pos, b in enumerate(order) if pos != b]),
                          "kendall_tau": kendall_tau(order)})
     metrics = evaluate_orders(model, orders, x, y, batch_size=opts.batch_size,
-                              max_batch=opts.max_batch, engine=opts.engine, fold_bn=opts.fold_bn)
+                              max_batch=opts.max_batch, engine=opts.engine, fold_bn=opts.fold_bn,
+                              shard=opts.shard)
     return metrics_table(meta, metrics, opts, seed)

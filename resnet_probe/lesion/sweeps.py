@@ -7,7 +7,7 @@ bounds ``*_lo`` / ``*_hi`` over the test examples. ``df.attrs`` holds the intact
 and loss. The model is evaluated in eval mode and its previous mode restored.
 
 Extra keyword ``options`` of every sweep: ``max_batch``, ``confidence_level``, ``ci_method``,
-``engine``, ``fold_bn`` (see ``SweepOptions``).
+``engine``, ``fold_bn``, ``shard`` (see ``SweepOptions``).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _deletion_table(model, sets, meta, x, y, mode, seed, options, **attrs) -> pd
     anat = anatomy(model)
     metrics = evaluate_deletion_sets(model, sets, x, y, mode=mode, batch_size=options.batch_size,
                                      max_batch=options.max_batch, engine=options.engine,
-                                     fold_bn=options.fold_bn)
+                                     fold_bn=options.fold_bn, shard=options.shard)
     for m, s in zip(meta, sets):
         m.setdefault("deleted", joined_names(anat, s))
         m.setdefault("k", len(s))

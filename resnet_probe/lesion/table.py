@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import pandas as pd
 
@@ -23,6 +24,8 @@ class SweepOptions:
         ci_method: ``percentile``, ``basic`` or ``BCa``.
         engine: ``batched`` or ``loop`` (the one-variant-at-a-time reference path).
         fold_bn: evaluate with BatchNorm folded into the convolutions (same logits up to rounding).
+        shard: this rank's part of a sharded evaluation (``resnet_probe.shards.Shard``; ``None``: one
+            process); every rank returns the table one process would.
     """
 
     batch_size: int = 256
@@ -32,6 +35,7 @@ class SweepOptions:
     ci_method: str = "percentile"
     engine: str = "batched"
     fold_bn: bool = False
+    shard: Any = None
 
 
 def metrics_table(meta: list[dict], metrics: SetMetrics, options: SweepOptions, seed: int,

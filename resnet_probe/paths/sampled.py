@@ -8,6 +8,8 @@ Belongie (2016, section 5) drew 1,000 sets per ``k`` and reported the mean magni
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
@@ -18,6 +20,9 @@ from ..lesion.sweeps import check_block_counts, joined_names
 from ..models import anatomy
 from ..models.wrappers import analysed_network
 from .record import PathRecord, record_paths
+
+if TYPE_CHECKING:
+    from ..shards import Shard
 
 
 def single_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, branch_sets) -> torch.Tensor:
@@ -61,7 +66,8 @@ def paths_from_record(record: PathRecord, use: np.ndarray) -> torch.Tensor:
 
 
 def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ks,
-                           samples_per_k: int = 1000, seed: int = 0, sets_per_pass: int = 64) -> pd.DataFrame:
+                           samples_per_k: int = 1000, seed: int = 0, sets_per_pass: int = 64,
+                           batch_size: int | None = None, shard: "Shard | None" = None) -> pd.DataFrame:
     """Magnitude of the gradient of sampled single paths, ``samples_per_k`` paths per length ``k``.
 
     The magnitude of a path is ``||g_A||`` (L2 over the image) per example, averaged over the
@@ -76,6 +82,9 @@ def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k
         samples_per_k: sets ``A`` drawn uniformly per length (Veit et al. used 1,000).
         seed: seeds the draw.
         sets_per_pass: paths backpropagated together (bounds memory).
+        batch_size: images recorded and backpropagated together (``None``: all of ``x`` at once).
+        shard: evaluate only this rank's contiguous batches and gather every rank's per-example
+            magnitudes in image order (``resnet_probe.shards``): one process's table, bit for bit.
 
     Returns:
         One row per sampled path: ``path_length``, ``sample``, ``branches`` (block names joined by
@@ -92,12 +101,22 @@ def sampled_path_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k
     lengths = np.repeat(np.asarray(ks, dtype=np.int64), samples_per_k)
     for row, k in zip(use, lengths):
         row[rng.choice(n, size=int(k), replace=False)] = True
-    magnitude = []
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    batches = [slice(b, b + (batch_size or len(x))) for b in range(0, len(x), batch_size or max(len(x), 1))]
+    if shard is not None:
+        batches = shard.units(batches)
+    norms = []  # per batch of images: (paths, images) magnitudes
     with evaluation(model):
-        record = record_paths(model, x, y)
-        for start in range(0, len(use), sets_per_pass):
-            g = paths_from_record(record, use[start:start + sets_per_pass])
-            magnitude.append(g.flatten(2).norm(dim=-1).mean(dim=1).double().cpu())
+        for sl in batches:
+            record = record_paths(model, x[sl], y[sl])
+            norms.append(torch.cat([paths_from_record(record, use[start:start + sets_per_pass]).flatten(2)
+                                    .norm(dim=-1).cpu() for start in range(0, len(use), sets_per_pass)]))
+    per_example = torch.cat(norms, dim=1) if norms else torch.zeros(len(use), 0)
+    if shard is not None:
+        per_example = torch.from_numpy(shard.gather(per_example.numpy(), axis=1, what="path gradient magnitudes"))
+    magnitude = [per_example[start:start + sets_per_pass].mean(dim=1).double()
+                 for start in range(0, len(use), sets_per_pass)]
     return pd.DataFrame({
         "path_length": lengths,
         "sample": np.tile(np.arange(samples_per_k), len(ks)),

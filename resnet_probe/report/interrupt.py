@@ -11,11 +11,16 @@ import signal
 import threading
 from typing import Any, Callable
 
-__all__ = ["RunTerminated", "install_sigterm", "restore_sigterm", "interrupted"]
+__all__ = ["RunFailed", "RunTerminated", "install_sigterm", "restore_sigterm", "interrupted"]
 
 
 class RunTerminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM inside ``with new_run(...)``."""
+
+
+class RunFailed(RuntimeError):
+    """An error that marks the run ``failed`` even when raised while handling an interrupt: a sharded run's
+    rank 0 that torchrun stops with SIGTERM because another rank failed (``resnet_probe.shards``)."""
 
 
 def install_sigterm(handler: Callable[[int, Any], None]) -> Any:
@@ -36,7 +41,9 @@ def restore_sigterm(previous: Any) -> None:
 
 def interrupted(exc: BaseException | None) -> bool:
     """Whether ``exc`` is, or was raised while handling, a ``KeyboardInterrupt`` (Lightning answers an
-    interrupt during ``fit`` with its clean-up and then ``SystemExit(1)``)."""
+    interrupt during ``fit`` with its clean-up and then ``SystemExit(1)``); never for a ``RunFailed``."""
+    if isinstance(exc, RunFailed):
+        return False
     seen = 0
     while exc is not None and seen < 20:
         if isinstance(exc, KeyboardInterrupt):

@@ -25,7 +25,7 @@ import pandas as pd
 from .figures import select_rows, validate_figure
 from .folder import (PROVENANCE, REPORT, STATES, STATUS, RunFolderError, check_run_dir, make_run_dir, read_json,
                      write_json)
-from .interrupt import RunTerminated, install_sigterm, interrupted, restore_sigterm
+from .interrupt import RunFailed, RunTerminated, install_sigterm, interrupted, restore_sigterm
 from .liveness import process_identity, writer_alive
 from .provenance import collect_provenance, finish_provenance, jsonable
 from .render import render_report
@@ -56,6 +56,7 @@ class Run:
         self._cache: dict[str, pd.DataFrame] = {}
         self._writer = writer        # made by new_run in this process: its saves are the run's heartbeat
         self._terminated = False     # SIGTERM received inside the with block
+        self._ending = False         # being marked failed / interrupted
         self._sigterm_before = None  # the SIGTERM handler to restore on exit, while ours is installed
 
     # ---- reading -------------------------------------------------------------------------------
@@ -234,14 +235,17 @@ class Run:
         return html_path
 
     def _mark_ended_by(self, exc: BaseException) -> None:
-        """Mark the run ``interrupted`` (SIGINT, SIGTERM) or ``failed`` by ``exc``."""
+        """Mark the run ``interrupted`` (SIGINT, SIGTERM) or ``failed`` by ``exc`` (always ``failed`` for a
+        ``RunFailed``)."""
+        self._ending = True  # a SIGTERM arriving now (torchrun stopping a sharded run) does not cut the marking short
         error = f"{type(exc).__name__}: {exc}"
-        if self._terminated and not isinstance(exc, RunTerminated):
+        if self._terminated and not isinstance(exc, (RunTerminated, RunFailed)):
             error = f"received SIGTERM ({error})"
-        self.mark("interrupted" if self._terminated or interrupted(exc) else "failed", error)
+        failed = isinstance(exc, RunFailed) or not (self._terminated or interrupted(exc))
+        self.mark("failed" if failed else "interrupted", error)
 
     def _on_sigterm(self, signum: int, frame) -> None:
-        if self._terminated:  # the run is already being marked: a repeated SIGTERM does not cut that short
+        if self._terminated or self._ending:  # the run is already being marked: a SIGTERM does not cut that short
             return
         self._terminated = True
         raise RunTerminated(f"received {signal.Signals(signum).name}")

@@ -28,6 +28,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ..checkpoints import TORCHVISION_ARCHS
+from ..shards import close_process_group, launched_world_size
 from ..train.fit import resolve_device
 from . import STUDIES
 from .inputs import load_data, load_models
@@ -168,6 +169,7 @@ def resolve_inputs(cmd: StudyCommand, parser: ArgumentParser, cfg: Namespace) ->
         raise UserError("--seeds needs at least one seed")
     kwargs: dict[str, Any] = dict(out=cfg.out, seeds=seeds, device=cfg.device, scale=cfg.scale)
     sources = list(getattr(cfg, "models", []) or []) or _config_models(cfg)
+    _check_processes(cmd, sources)
     zoo = None
     try:
         if sources:
@@ -195,6 +197,23 @@ def resolve_inputs(cmd: StudyCommand, parser: ArgumentParser, cfg: Namespace) ->
     if cmd.inputs == "data":
         return {"settings": settings, "data": data, **kwargs}
     return {"settings": settings, "models": zoo, "data": data, "train": train, **kwargs}
+
+
+def _check_processes(cmd: StudyCommand, sources: list[str]) -> None:
+    """Under torchrun with several processes, only a sharded study analysing given models may run."""
+    try:
+        world = launched_world_size()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if world <= 1:
+        return
+    sharded = [name for name in STUDIES if study_command(name).sharded] if not cmd.sharded else []
+    if sharded:
+        raise UserError(f"{cmd.name} does not split its images over processes; run it in one process (studies "
+                        f"that do, under torchrun: {', '.join(sharded)})")
+    if not sources:
+        raise UserError(f"a sharded {cmd.name} run ({world} processes) analyses given models and does not train: "
+                        "train them first in one process (resnet-probe train_zoo) and give the run folder")
 
 
 def _one_line(error: Exception) -> str:
@@ -235,4 +254,5 @@ def main(name: str, argv: list[str] | None = None) -> int:
         print(f"{prog}: failed: {type(e).__name__}: {e} (the run folder is marked failed; --debug shows the "
               "traceback)", file=sys.stderr)
         return 1
+    close_process_group()
     return 0

@@ -39,6 +39,7 @@ from ..lesion import bootstrap_mean_ci
 from ..lesion.table import metrics_table, sweep_options
 from ..models import LESION_MODES, anatomy
 from ..models.compiled import evaluation_model
+from ..shards import Shard, environment_shard
 from .analysis import analysis_run
 from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
@@ -146,7 +147,7 @@ def deletable_blocks(model, family: str) -> list[int]:
     return [i for i, b in enumerate(anatomy(model).blocks) if not (family == "plain" and b.downsampling)]
 
 
-def single_block(model, family: str, x, y, s: LesionSettings, seed: int, keys: dict
+def single_block(model, family: str, x, y, s: LesionSettings, seed: int, keys: dict, shard: Shard | None = None
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fig. 3: each deletable block deleted on its own.
 
@@ -159,7 +160,7 @@ def single_block(model, family: str, x, y, s: LesionSettings, seed: int, keys: d
     anat = anatomy(model)
     keep = deletable_blocks(model, family)
     opts = sweep_options(batch_size=s.batch_size, n_resamples=s.n_resamples)
-    m = evaluate_deletion_sets(model, [[i] for i in keep], x, y, mode=s.mode, batch_size=s.batch_size)
+    m = evaluate_deletion_sets(model, [[i] for i in keep], x, y, mode=s.mode, batch_size=s.batch_size, shard=shard)
     meta = [{"site": anat.blocks[i].name, "path": anat.blocks[i].path, "stage": anat.blocks[i].stage,
              "position": i + 1, "downsampling": anat.blocks[i].downsampling} for i in keep]
     df = tidy_sweep(metrics_table(meta, m, opts, seed), keys, list(meta[0]))
@@ -182,24 +183,25 @@ def single_block(model, family: str, x, y, s: LesionSettings, seed: int, keys: d
     return pd.concat([df, extra], ignore_index=True).assign(mode=s.mode), per_image
 
 
-def k_random(model, x, y, s: LesionSettings, seed: int, keys: dict) -> pd.DataFrame:
+def k_random(model, x, y, s: LesionSettings, seed: int, keys: dict, shard: Shard | None = None) -> pd.DataFrame:
     """Fig. 5a: ``n_sets`` random sets of ``k`` deleted blocks for ``k = 0..k_max`` (``k = 0``: intact), drawn
     from ``k_random_blocks``."""
     anat = anatomy(model)
     pool = [i for i, b in enumerate(anat.blocks) if s.k_random_blocks == "all" or not b.downsampling]
     ks = tuple(range(0, min(s.k_max, len(pool)) + 1))
     df = k_random_sweep(model, x, y, ks=ks, n_sets=s.n_sets, seed=seed, mode=s.mode, batch_size=s.batch_size,
-                        n_resamples=s.n_resamples, blocks=pool)
+                        n_resamples=s.n_resamples, blocks=pool, shard=shard)
     df["site"] = "network"
     return tidy_sweep(df, keys, ["site", "k", "set", "deleted"]).assign(mode=s.mode, drawn_from=s.k_random_blocks)
 
 
-def reorder(model, x, y, s: LesionSettings, seed: int, keys: dict) -> pd.DataFrame | None:
+def reorder(model, x, y, s: LesionSettings, seed: int, keys: dict, shard: Shard | None = None
+            ) -> pd.DataFrame | None:
     """Fig. 5b: ``k`` random swaps of blocks within a stage; ``None`` when no stage has two swappable blocks."""
     if not swappable_groups(anatomy(model)):
         return None
     df = reorder_sweep(model, x, y, k_swaps=tuple(s.k_swaps), n_sets=s.reorder_sets, seed=seed,
-                       batch_size=s.batch_size, n_resamples=s.n_resamples)
+                       batch_size=s.batch_size, n_resamples=s.n_resamples, shard=shard)
     df["site"] = "network"
     return tidy_sweep(df, keys, ["site", "k_swaps", "set", "kendall_tau", "moved"])
 
@@ -222,19 +224,23 @@ def attribution(model, x, y, s: LesionSettings, keys: dict) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def measure(s: LesionSettings):
-    """The lesion measurement of one model (single-block, k-random, reordering, attribution tables)."""
+def measure(s: LesionSettings, shard: Shard | None = None):
+    """The lesion measurement of one model (single-block, k-random, reordering, attribution tables).
+
+    With a ``shard`` (``resnet_probe.shards``) the sweeps evaluate this rank's chunks of ``batch_size`` images
+    and gather the per-image values of every rank, so every rank returns one process's tables; the captum
+    attributions (``attribution_examples`` images) are computed whole on every rank."""
     def one(sm: StudyModel, x, y, keys: dict) -> dict[str, pd.DataFrame]:
         keys = {**keys, "family": sm.family, "depth": sm.depth}
         path = s.evaluation
         if path == "auto":
             path = "compiled" if next(sm.model.parameters()).is_cuda else "folded"
         net = evaluation_model(sm.model, path)  # the sweeps' network; captum reads sm.model
-        single, per_image = single_block(net, sm.family, x, y, s, sm.seed, keys)
-        tables = {"single_block": single, "k_random": k_random(net, x, y, s, sm.seed, keys)}
+        single, per_image = single_block(net, sm.family, x, y, s, sm.seed, keys, shard)
+        tables = {"single_block": single, "k_random": k_random(net, x, y, s, sm.seed, keys, shard)}
         if len(per_image):
             tables["deletion_per_image"] = per_image
-        reo = reorder(net, x, y, s, sm.seed, keys)
+        reo = reorder(net, x, y, s, sm.seed, keys, shard)
         if reo is not None:
             tables["reorder"] = reo
         if s.attribution_methods:
@@ -246,14 +252,18 @@ def measure(s: LesionSettings):
 def run(settings: LesionSettings, models: Zoo | Sequence | None, data: StudyData, *, out: str | Path = "runs",
         seeds: Sequence[int] = (0,), device: str = "auto", train: ZooSettings | None = None,
         scale: str | None = None) -> StudyResult:
-    """Delete and reorder the blocks of ``models`` (or of nets trained here) on ``data``'s test images."""
+    """Delete and reorder the blocks of ``models`` (or of nets trained here) on ``data``'s test images.
+
+    Under torchrun the images are split over the ranks in chunks of ``batch_size`` (``resnet_probe.shards``)."""
+    shard = environment_shard(device)
     return analysis_run("lesion", title=TITLE, source_file=__file__, settings=settings, models=models, data=data,
                         out=out, seeds=seeds, device=device, train=train or trained_nets(scale or "quick"),
-                        scale=scale, measure=measure(settings),
+                        scale=scale, measure=measure(settings, shard), shard=shard,
                         report=lambda r, tables, d, n: write_lesion_report(r, tables, settings, d, n))
 
 
 COMMAND = StudyCommand(
-    name="lesion", run=run, settings=LesionSettings, inputs="models", train=trained_nets, families=FAMILIES,
+    name="lesion", run=run, settings=LesionSettings, inputs="models", sharded=True, train=trained_nets,
+    families=FAMILIES,
     description="Delete and reorder the blocks of trained ResNets (Veit et al. 2016) and compare each block's "
                 "deletion effect with its captum attribution.")

@@ -37,6 +37,7 @@ from ..paths import (check_additive, effective_paths, net_gradient_by_length, pa
                      path_length_distribution, sampled_path_gradients, sampled_path_magnitudes)
 from ..models import anatomy
 from ..report import format_mean_std
+from ..shards import Shard, environment_shard
 from .analysis import analysis_run
 from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
@@ -106,18 +107,27 @@ def check_model(sm: StudyModel) -> None:
         raise ValueError(f"{sm.name}: {e}") from None
 
 
-def exact_norms(model, x, y, batch: int) -> tuple[np.ndarray, float]:
+def exact_norms(model, x, y, batch: int, shard: Shard | None = None) -> tuple[np.ndarray, float]:
     """Per-image ``||G[k]||`` (L2 over the image) of the exact stack, ``(n + 1, N)``, and the largest
-    relative difference, over the chunks, between ``sum_k G[k]`` and the autograd input gradient."""
+    relative difference, over the chunks, between ``sum_k G[k]`` and the autograd input gradient.
+
+    With a ``shard``, only this rank's contiguous chunks are computed and every rank's norms gathered
+    in image order (``resnet_probe.shards``)."""
     norms, worst = [], 0.0
-    for start in range(0, len(x), batch):
+    starts = list(range(0, len(x), batch))
+    if shard is not None:
+        starts = shard.units(starts)
+    for start in starts:
         xb, yb = x[start:start + batch], y[start:start + batch]
         stack = path_gradient_stack(model, xb, yb)
         xg = xb.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), yb, reduction="sum"), xg)
         worst = max(worst, float((stack.sum(0) - grad).norm() / grad.norm().clamp_min(1e-30)))
         norms.append(stack.flatten(2).norm(dim=-1).double().cpu())
-    return torch.cat(norms, dim=1).numpy(), worst
+    if shard is None:
+        return torch.cat(norms, dim=1).numpy(), worst
+    parts = shard.gather_objects((torch.cat(norms, dim=1).numpy() if norms else None, worst), "exact path norms")
+    return np.concatenate([p for p, _ in parts if p is not None], axis=1), max(w for _, w in parts)
 
 
 def net_gradient_table(norms: np.ndarray, keys: dict, s: PathsSettings, seed: int) -> pd.DataFrame:
@@ -155,15 +165,18 @@ def band_rows(table: pd.DataFrame, column: str, estimator: str, keys: dict, mass
                                   ("peak_length", peak))]
 
 
-def measure(s: PathsSettings):
+def measure(s: PathsSettings, shard: Shard | None = None):
+    """The paths measurement of one model; with a ``shard``, each rank takes its batches of ``exact_batch``
+    images and every rank returns one process's tables."""
     def one(sm: StudyModel, x, y, keys: dict) -> dict[str, pd.DataFrame]:
         n = len(sm.blocks)
         dist = pd.DataFrame({**keys, "site": "network", "path_length": np.arange(n + 1),
                              "n_paths": [float(comb(n, k)) for k in range(n + 1)], "metric": "fraction_of_paths",
                              "value": path_length_distribution(n)})
-        norms, rel_err = exact_norms(sm.model, x, y, s.exact_batch)
+        norms, rel_err = exact_norms(sm.model, x, y, s.exact_batch, shard)
         samples = sampled_path_gradients(sm.model, x, y, ks=list(range(n + 1)), samples_per_k=s.n_samples,
-                                         seed=sm.seed, sets_per_pass=s.sets_per_pass)
+                                         seed=sm.seed, sets_per_pass=s.sets_per_pass, batch_size=s.exact_batch,
+                                         shard=shard)
         sampled = sampled_path_magnitudes(samples, n)
         net = net_gradient_by_length(torch.from_numpy(norms).unsqueeze(-1))
         bands = (band_rows(sampled, "total_magnitude", "sampled", keys, s.mass)
@@ -182,10 +195,13 @@ def measure(s: PathsSettings):
 def run(settings: PathsSettings, models: Zoo | Sequence | None, data: StudyData, *, out: str | Path = "runs",
         seeds: Sequence[int] = (0,), device: str = "auto", train: ZooSettings | None = None,
         scale: str | None = None) -> StudyResult:
-    """Decompose the input gradient of ``models`` (or of a net trained here) by path length."""
+    """Decompose the input gradient of ``models`` (or of a net trained here) by path length.
+
+    Under torchrun the images are split over the ranks (``resnet_probe.shards``)."""
+    shard = environment_shard(device)
     return analysis_run("paths", title=TITLE, source_file=__file__, settings=settings, models=models, data=data,
                         out=out, seeds=seeds, device=device, train=train or trained_nets(scale or "quick"),
-                        scale=scale, measure=measure(settings), check=check_model,
+                        scale=scale, measure=measure(settings, shard), check=check_model, shard=shard,
                         report=lambda r, tables, d, n: write_report(r, tables, settings, d, n))
 
 
@@ -256,6 +272,7 @@ def write_report(run, tables: dict[str, pd.DataFrame], s: PathsSettings, data: S
 
 
 COMMAND = StudyCommand(
-    name="paths", run=run, settings=PathsSettings, inputs="models", train=trained_nets, families=ADDITIVE_FAMILIES,
+    name="paths", run=run, settings=PathsSettings, inputs="models", sharded=True, train=trained_nets,
+    families=ADDITIVE_FAMILIES,
     description="Path-length distribution, gradient magnitude per path length (sampled, as Veit et al. 2016, "
                 "Fig. 6) and the exact net gradient per length, with the effective paths of residual networks.")

@@ -31,6 +31,7 @@ import torch
 
 from ..probes import probe
 from ..report import format_ci, format_mean_std
+from ..shards import Shard, environment_shard
 from .analysis import analysis_run
 from .spec import StudyCommand
 from .inputs import StudyData, StudyModel, Zoo
@@ -84,8 +85,8 @@ def trained_nets(scale: str) -> ZooSettings:
     return getattr(ZooSettings, scale)()
 
 
-def layer_responses(model, images, batch_size: int = 250, group_size: int | None = None
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def layer_responses(model, images, batch_size: int = 250, group_size: int | None = None,
+                    shard: Shard | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Response statistics of every branch layer, branch output and shortcut of ``model``.
 
     Args:
@@ -93,6 +94,9 @@ def layer_responses(model, images, batch_size: int = 250, group_size: int | None
         images: normalised float images ``(N, C, H, W)``.
         batch_size: images per forward pass.
         group_size: images per bootstrap group (``None``: one group).
+        shard: measure only this rank's contiguous groups (``resnet_probe.shards``); the streamed sums are
+            all-reduced over the ranks and the group rows gathered in group order, so every rank returns one
+            process's tables (group rows bit for bit, pooled statistics up to float64 summation order).
 
     Returns:
         The tidy rows ``site, stage, block, kind, layer`` (1-based position of the layer in forward order,
@@ -101,14 +105,20 @@ def layer_responses(model, images, batch_size: int = 250, group_size: int | None
         (rows of the ``groups`` table, ``group`` numbering them).
     """
     group_size = group_size or len(images)
+    starts = list(enumerate(range(0, len(images), group_size)))
+    if shard is not None:
+        starts = shard.units(starts)
     groups = []
     with torch.no_grad(), probe(model, sites=SITES) as whole, probe(model, sites=SITES) as part:
-        for g, start in enumerate(range(0, len(images), group_size)):
+        for g, start in starts:
             chunk = images[start:start + group_size]
             for b in range(0, len(chunk), batch_size):
                 model(chunk[b:b + batch_size])
             groups.append(group_sums(part.table(), g))
             part.reset()
+        if shard is not None:
+            shard.all_reduce_probes(whole)
+            groups = [g for rank in shard.gather_objects(groups, "response groups") for g in rank]
     df = whole.table()
     df = df[df["metric"].isin(list(METRICS) + ["norm_ratio"])].copy()
     df["metric"] = df["metric"].map(lambda m: METRICS.get(m, m))
@@ -170,9 +180,11 @@ def summary_rows(responses: pd.DataFrame, groups: pd.DataFrame, n_resamples: int
     return pd.DataFrame(rows)
 
 
-def measure(s: ResponseSettings):
+def measure(s: ResponseSettings, shard: Shard | None = None):
+    """The response measurement of one model; with a ``shard``, each rank takes its groups of images and every
+    rank returns one process's tables."""
     def one(sm: StudyModel, x, y, keys: dict) -> dict[str, pd.DataFrame]:
-        df, groups = layer_responses(sm.model, x, s.batch_size, s.group_size)
+        df, groups = layer_responses(sm.model, x, s.batch_size, s.group_size, shard)
         extra = {**keys, "family": sm.family, "depth": sm.depth}
         return {"responses": df.assign(**extra)[[*extra, *df.columns]],
                 "groups": groups.assign(**extra)[[*extra, *groups.columns]]}
@@ -182,10 +194,13 @@ def measure(s: ResponseSettings):
 def run(settings: ResponseSettings, models: Zoo | Sequence | None, data: StudyData, *, out: str | Path = "runs",
         seeds: Sequence[int] = (0,), device: str = "auto", train: ZooSettings | None = None,
         scale: str | None = None) -> StudyResult:
-    """Measure the layer responses of ``models`` (or of nets trained here) on ``data``'s evaluation images."""
+    """Measure the layer responses of ``models`` (or of nets trained here) on ``data``'s evaluation images.
+
+    Under torchrun the image groups are split over the ranks (``resnet_probe.shards``)."""
+    shard = environment_shard(device)
     return analysis_run("response_std", title=TITLE, source_file=__file__, settings=settings, models=models,
                         data=data, out=out, seeds=seeds, device=device, train=train or trained_nets(scale or "quick"),
-                        scale=scale, measure=measure(settings),
+                        scale=scale, measure=measure(settings, shard), shard=shard,
                         report=lambda r, tables, d, n: _report(r, tables, settings, n, seeds[0]))
 
 
@@ -228,6 +243,6 @@ def _report(run, tables: dict[str, pd.DataFrame], s: ResponseSettings, n_images:
 
 
 COMMAND = StudyCommand(
-    name="response_std", run=run, settings=ResponseSettings, inputs="models", train=trained_nets,
+    name="response_std", run=run, settings=ResponseSettings, inputs="models", sharded=True, train=trained_nets,
     description="He et al. Fig. 7: std of each branch layer's response (after BN, before ReLU / addition), in "
                 "network order and sorted, for every model given.")

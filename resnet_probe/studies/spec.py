@@ -25,6 +25,7 @@ class StudyCommand:
         threads: default CPU threads (``None``: torch's choice).
         training_images: the study evaluates ``settings.n_examples`` images of the training split, so the
             data must hold that many (a synthetic set is made large enough).
+        sharded: the study splits its images over the processes torchrun starts (``resnet_probe.shards``).
     """
 
     name: str
@@ -36,6 +37,7 @@ class StudyCommand:
     families: tuple[str, ...] | None = None
     threads: int | None = None
     training_images: bool = False
+    sharded: bool = False
 
     def preset(self, scale: str) -> Any:
         return getattr(self.settings, scale)()
