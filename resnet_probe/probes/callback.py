@@ -191,29 +191,23 @@ class ProbeCallback(pl.Callback):
             self._end_eager()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write_refinement(trainer, pl_module)
-        g = None if self.session is None else self.session.gradient
-        if g is None or not g.history:  # the same steps are recorded on every rank
-            return
-        self.session.all_reduce(metrics=("gradient",))
-        self.session.check_finite()
-        rows = g.rows()
-        g.reset()
-        if rows:
-            self.gradient_rows += [self._tidy(r, trainer, pl_module) for r in rows]
-            self._write(trainer, GRADIENTS_CSV, self.gradient_rows)
+        self._write_steps(trainer, pl_module, "gradient", self.gradient_rows, GRADIENTS_CSV)
+        self._write_steps(trainer, pl_module, "refinement", self.refinement_rows, REFINEMENT_CSV)
 
-    def _write_refinement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        r = None if self.session is None else self.session.refinement
-        if r is None or not r.history:  # the same steps are recorded on every rank
+    def _write_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, kept: list[dict],
+                     filename: str) -> None:
+        """Reduce the steps ``metric`` recorded this epoch over the ranks, add their rows to ``kept`` and
+        rewrite ``filename``."""
+        part = None if self.session is None else getattr(self.session, metric)
+        if part is None or not part.history:  # the same steps are recorded on every rank
             return
-        self.session.all_reduce(metrics=("refinement",))
+        self.session.all_reduce(metrics=(metric,))
         self.session.check_finite()
-        rows = r.rows()
-        r.reset()
+        rows = part.rows()
+        part.reset()
         if rows:
-            self.refinement_rows += [self._tidy(row, trainer, pl_module) for row in rows]
-            self._write(trainer, REFINEMENT_CSV, self.refinement_rows)
+            kept += [self._tidy(row, trainer, pl_module) for row in rows]
+            self._write(trainer, filename, kept)
 
     # -- output -------------------------------------------------------------------------------
     @property
